@@ -1,0 +1,97 @@
+"""Reading weight files safely, and writing files atomically."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from .errors import CheckpointError
+
+SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
+PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+
+
+def read_state_dict(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict:
+    """Read a safetensors or torch-pickle file into a dict (nested dicts kept for .pt files).
+
+    Pickles load with ``weights_only=True``. A missing, truncated or foreign file raises
+    CheckpointError naming the file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path}: the file is empty (an interrupted download?)")
+    suffix = path.suffix.lower()
+    if suffix in SAFETENSORS_SUFFIXES:
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path), device=str(device))
+        except (SafetensorError, OSError, RuntimeError) as e:
+            raise CheckpointError(
+                f"{path}: not a readable safetensors file ({e}); the file may be truncated - download it again"
+            ) from e
+    if suffix in PICKLE_SUFFIXES:
+        try:
+            obj = torch.load(str(path), map_location=device, weights_only=True, mmap=_can_mmap(path))
+        except Exception as e:  # torch raises many types for corrupt pickles
+            raise CheckpointError(
+                f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {e}); "
+                "the file may be truncated or not a weights file"
+            ) from e
+        if not isinstance(obj, dict):
+            raise CheckpointError(f"{path}: holds a {type(obj).__name__}, expected a dict of tensors")
+        return obj
+    raise CheckpointError(
+        f"{path}: unknown weights file type {suffix!r}; expected one of "
+        f"{', '.join(SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES)}"
+    )
+
+
+def _can_mmap(path: Path) -> bool:
+    import zipfile
+
+    return zipfile.is_zipfile(path)
+
+
+@contextlib.contextmanager
+def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path next to `target`; on success rename it over `target`, else delete it.
+
+    The parent folder must exist (a clear error otherwise): nothing half-written is ever left.
+    """
+    target = Path(target)
+    parent = target.parent if str(target.parent) else Path(".")
+    if not parent.is_dir():
+        raise FileNotFoundError(f"cannot write {target}: folder {parent} does not exist; create it first")
+    if not os.access(parent, os.W_OK):
+        raise PermissionError(f"cannot write {target}: folder {parent} is not writable")
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial" + target.suffix, dir=parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, target)
+    except BaseException:
+        tmp_path.unlink(missing_ok=True)
+        raise
+
+
+def check_writable(target: str | os.PathLike) -> Path:
+    """Fail early, before heavy work, if `target` cannot be written."""
+    target = Path(target)
+    parent = target.parent if str(target.parent) else Path(".")
+    if not parent.is_dir():
+        raise FileNotFoundError(f"cannot write {target}: folder {parent} does not exist; create it first")
+    if not os.access(parent, os.W_OK):
+        raise PermissionError(f"cannot write {target}: folder {parent} is not writable")
+    if target.is_dir():
+        raise IsADirectoryError(f"cannot write {target}: it is a folder; give a file name")
+    return target
