@@ -1,0 +1,134 @@
+"""`python -m sf_core bench`: time the chunk loop of a random-weight model, print JSON.
+
+Per-chunk times are taken by the consumer after each yielded chunk (synchronising the device there is
+part of measuring, not of the loop).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import time
+
+import torch
+
+from .config import WanConfig
+from .latents import latent_size_for
+from .stream import Stream, StreamSettings
+from .wan.forward import WanBackbone
+from .wan.modules import WanModel
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def rss_mb() -> float:
+    """Current resident memory of this process in MiB."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def random_model(config: WanConfig, device, dtype) -> WanModel:
+    with torch.device(device):
+        model = WanModel(config)
+    for p in model.parameters():  # keep activations finite through many random layers
+        if p.ndim >= 2:
+            torch.nn.init.normal_(p, std=0.02)
+    return model.to(dtype).eval().requires_grad_(False)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default="tiny", choices=["tiny", "1.3B", "14B"])
+    p.add_argument("--height", type=int, default=480)
+    p.add_argument("--width", type=int, default=832)
+    p.add_argument("--chunks", type=int, default=7, help="chunks to generate")
+    p.add_argument("--frames-per-chunk", type=int, default=3)
+    p.add_argument("--steps", default="1000,750,500,250")
+    p.add_argument("--window", type=int, default=None, help="rolling cache window in latent frames")
+    p.add_argument("--sink", type=int, default=0)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default=None, choices=list(DTYPES), help="default: bf16 on GPU, fp32 on CPU")
+    p.add_argument("--attn", default="auto")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--warmup", type=int, default=1, help="chunks run (and discarded) before timing")
+    p.add_argument("--report", default="", help="comma-separated chunk numbers (1-based) to list in 'at_chunk'")
+
+
+def run(args) -> dict:
+    device = torch.device(args.device)
+    dtype = DTYPES[args.dtype] if args.dtype else (torch.float32 if device.type == "cpu" else torch.bfloat16)
+    cfg = WanConfig.preset(args.config)
+    h, w = latent_size_for(args.height, args.width)
+    settings = StreamSettings(
+        frames_per_chunk=args.frames_per_chunk,
+        steps=tuple(float(s) for s in args.steps.split(",")),
+        window=args.window,
+        sink=args.sink,
+    )
+    model = random_model(cfg, device, dtype)
+    backbone = WanBackbone(model, cfg, dtype=dtype, attn=args.attn)
+    text = torch.randn(args.batch, cfg.text_len, cfg.text_dim, device=device) * 0.1
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    if args.warmup:
+        warm = Stream(backbone, text, latent_height=h, latent_width=w, batch=args.batch,
+                      num_frames=args.warmup * args.frames_per_chunk, settings=settings, generator=0)
+        for _ in warm:
+            pass
+        warm.close()
+        sync()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    num_frames = args.chunks * args.frames_per_chunk
+    stream = Stream(backbone, text, latent_height=h, latent_width=w, batch=args.batch,
+                    num_frames=num_frames, settings=settings, generator=0)
+    times, rss = [], []
+    start = last = time.perf_counter()
+    for chunk in stream:
+        sync()
+        now = time.perf_counter()
+        times.append(now - last)
+        rss.append(rss_mb())
+        last = now
+    total = time.perf_counter() - start
+    steady = times[1:] or times
+    steady_frames = args.frames_per_chunk * len(steady)
+    report = [int(i) for i in args.report.split(",") if i.strip()]
+    out = {
+        "config": args.config,
+        "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
+        "dtype": str(dtype).replace("torch.", ""),
+        "attn": backbone.attn_backend,
+        "size": f"{args.width}x{args.height}",
+        "latent": [h, w],
+        "tokens_per_frame": cfg.tokens_per_frame(h, w),
+        "frames_per_chunk": args.frames_per_chunk,
+        "steps": list(settings.steps),
+        "window": args.window,
+        "sink": args.sink,
+        "chunks": len(times),
+        "seconds_per_chunk": [round(t, 5) for t in times],
+        "first_chunk_latency_s": round(times[0], 5),
+        "latent_fps": round(steady_frames / sum(steady), 3),
+        "video_fps": round(4 * steady_frames / sum(steady), 3),
+        "latent_fps_including_first": round(num_frames / total, 3),
+        "cache_bytes": stream.cache.nbytes,
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "rss_mb": [round(r, 1) for r in rss],
+    }
+    if report:
+        out["at_chunk"] = {str(i): {"seconds": round(times[i - 1], 5), "rss_mb": round(rss[i - 1], 1)}
+                           for i in report if 0 < i <= len(times)}
+    if device.type == "cuda":
+        out["peak_vram_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
+    return out
+
+
+def main(args) -> int:
+    print(json.dumps(run(args), indent=1))
+    return 0

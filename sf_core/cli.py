@@ -1,0 +1,40 @@
+"""Command line: `python -m sf_core {inspect,bench,...}`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .errors import SelfForcingError
+
+
+def _inspect(args) -> int:
+    from .checkpoints import inspect
+
+    print(inspect(args.file))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m sf_core", description="Self Forcing streaming video engine")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("inspect", help="print the detected format, config and dtype of a DiT file as JSON")
+    p.add_argument("file")
+    p.set_defaults(func=_inspect)
+
+    from . import bench
+
+    p = sub.add_parser("bench", help="time the chunk loop on a random-weight model (JSON)")
+    bench.add_arguments(p)
+    p.set_defaults(func=bench.main)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (SelfForcingError, FileNotFoundError, PermissionError, IsADirectoryError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2

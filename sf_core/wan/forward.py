@@ -1,0 +1,189 @@
+"""The Wan2.1 DiT forward, written once over any module tree with Wan names.
+
+`WanBackbone(dit)` runs sf_core's own `WanModel` and ComfyUI's loaded WanModel alike: it only calls the
+submodules by their Wan names (patch_embedding, time_embedding, blocks.N.self_attn.q, ...). Which keys a
+query sees is decided by an attention plan: bidirectional (teacher, critic), block-causal over a whole
+video (training reference), or a KV-cache plan (streaming; see `sf_core.cache`).
+
+Precision follows Wan: the residual stream, time embedding and modulation are fp32; linear layers and
+attention run in the compute dtype (bf16 on GPU, fp32 on CPU).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.utils.checkpoint
+from torch import nn
+
+from ..config import WanConfig
+from .attention import resolve_backend
+from .plans import Bidirectional
+from .rope import apply_rope, rope_angles
+
+
+def sinusoidal_embedding(dim: int, t: torch.Tensor) -> torch.Tensor:
+    """Timesteps t [N] -> [N, dim] = [cos | sin] (Wan's order), fp32."""
+    half = dim // 2
+    dt = torch.float32 if t.device.type == "mps" else torch.float64
+    freqs = torch.pow(10000.0, -torch.arange(half, dtype=dt, device=t.device) / half)
+    args = t.to(dt)[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=1).float()
+
+
+@dataclass
+class PromptKV:
+    """Cross-attention keys/values of one prompt for every layer: kv[i] = (k, v), each [B, Lt, H, D]."""
+
+    kv: list[tuple[torch.Tensor, torch.Tensor]]
+
+    @property
+    def batch(self) -> int:
+        return self.kv[0][0].shape[0]
+
+
+def infer_config(dit: nn.Module) -> WanConfig:
+    cfg = getattr(dit, "config", None)
+    if isinstance(cfg, WanConfig):
+        return cfg
+    shapes = {n: p for n, p in dit.named_parameters()}
+    return WanConfig.from_state_dict(shapes, name=type(dit).__name__)
+
+
+class WanBackbone:
+    """Forward passes of a Wan DiT module tree.
+
+    dit: module with Wan parameter names. dtype: compute dtype of matmuls and attention (default fp32 on
+    CPU, bf16 elsewhere). attn: "auto" | "sdpa" | "flash2" | "flash3". checkpointing: recompute each block
+    in backward (training).
+    """
+
+    def __init__(
+        self,
+        dit: nn.Module,
+        config: WanConfig | None = None,
+        dtype: torch.dtype | None = None,
+        attn: str = "auto",
+        checkpointing: bool = False,
+    ):
+        self.dit = dit
+        self.config = config or infer_config(dit)
+        self.device = dit.patch_embedding.weight.device
+        if dtype is None:
+            dtype = torch.float32 if self.device.type == "cpu" else torch.bfloat16
+        self.dtype = dtype
+        self.attn_backend, self.attn = resolve_backend(attn, self.device)
+        self.checkpointing = checkpointing
+
+    # ---- text ------------------------------------------------------------------------------
+    def encode_text(self, text: torch.Tensor) -> PromptKV:
+        """Text-encoder output [B, Lt, text_dim] -> per-layer cross-attention K/V (computed once per prompt).
+
+        Shorter contexts are zero-padded to the model's text_len, as Wan does.
+        """
+        cfg = self.config
+        if text.ndim != 3 or text.shape[-1] != cfg.text_dim:
+            raise ValueError(
+                f"text embeddings must be [batch, tokens, {cfg.text_dim}] for this model, got {tuple(text.shape)}; "
+                "use the text encoder that matches the model (UMT5-XXL for Wan2.1)"
+            )
+        if text.shape[1] < cfg.text_len:
+            text = torch.cat([text, text.new_zeros(text.shape[0], cfg.text_len - text.shape[1], text.shape[2])], 1)
+        ctx = self.dit.text_embedding(text.to(self.device, self.dtype))
+        B, L, _ = ctx.shape
+        H, D = cfg.num_heads, cfg.head_dim
+        kv = []
+        for block in self.dit.blocks:
+            m = block.cross_attn
+            kv.append((m.norm_k(m.k(ctx)).view(B, L, H, D), m.v(ctx).view(B, L, H, D)))
+        return PromptKV(kv)
+
+    # ---- forward ---------------------------------------------------------------------------
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        prompt: PromptKV | torch.Tensor,
+        frames: Sequence[int] | None = None,
+        plan=None,
+    ) -> torch.Tensor:
+        """Flow prediction v = eps - x0.
+
+        x: [B, C, F, H, W] normalised latents. t: timesteps [B, F] (per frame), [B] or a scalar.
+        prompt: PromptKV or text embeddings [B, Lt, text_dim]. frames: absolute latent-frame index of each
+        input frame (RoPE positions; default 0..F-1). plan: attention plan (default bidirectional).
+        Returns [B, C, F, H, W] fp32.
+        """
+        cfg, dit = self.config, self.dit
+        B, C, F, H, W = x.shape
+        pf, ph, pw = cfg.patch_size
+        if C != cfg.in_dim:
+            raise ValueError(f"latent has {C} channels, the model expects {cfg.in_dim}")
+        h, w = H // ph, W // pw
+        if h * ph != H or w * pw != W:
+            raise ValueError(f"latent size {H}x{W} is not divisible by the patch {ph}x{pw}")
+        if not isinstance(prompt, PromptKV):
+            prompt = self.encode_text(prompt)
+        if prompt.batch != B:
+            raise ValueError(f"prompt batch {prompt.batch} does not match latent batch {B}")
+        frames = range(F) if frames is None else frames
+        plan = plan or Bidirectional()
+
+        tokens = dit.patch_embedding(x.to(self.device, self.dtype))  # [B, dim, F, h, w]
+        tokens = tokens.flatten(2).transpose(1, 2).float()  # [B, F*h*w, dim], fp32 residual
+        t = torch.as_tensor(t, device=self.device, dtype=torch.float32)
+        t = t.reshape(-1, 1).expand(B, F) if t.ndim < 2 or t.shape[1] == 1 else t.expand(B, F)
+        e = dit.time_embedding(sinusoidal_embedding(cfg.freq_dim, t.reshape(-1))).view(B, F, cfg.dim).float()
+        e0 = dit.time_projection(e).unflatten(-1, (6, cfg.dim)).float()  # [B, F, 6, dim]
+        rope = rope_angles(frames, h, w, cfg.head_dim, cfg.rope_theta, self.device)
+
+        for i, block in enumerate(dit.blocks):
+            if self.checkpointing and torch.is_grad_enabled():
+                tokens = torch.utils.checkpoint.checkpoint(
+                    self._block, i, block, tokens, e0, prompt.kv[i], rope, plan, F, use_reentrant=False
+                )
+            else:
+                tokens = self._block(i, block, tokens, e0, prompt.kv[i], rope, plan, F)
+
+        head = dit.head
+        shift, scale = (head.modulation.to(self.device, torch.float32)[None] + e[:, :, None]).unsqueeze(3).unbind(2)
+        y = self._modulate(head.norm(tokens), shift, scale, F)
+        out = head.head(y.to(self.dtype)).float()  # [B, F*h*w, pf*ph*pw*C]
+        out = out.view(B, F, h, w, pf, ph, pw, cfg.out_dim).permute(0, 7, 1, 4, 2, 5, 3, 6)
+        return out.reshape(B, cfg.out_dim, F * pf, H, W)
+
+    __call__ = forward
+
+    @staticmethod
+    def _modulate(x, shift, scale, frames):
+        """x [B, F*T, D] * (1 + scale) + shift with per-frame shift/scale [B, F, 1, D]."""
+        B, L, D = x.shape
+        return (x.float().view(B, frames, L // frames, D) * (1 + scale) + shift).view(B, L, D)
+
+    def _block(self, i, block, x, e0, cross_kv, rope, plan, frames):
+        B, L, D = x.shape
+        mod = block.modulation.to(self.device, torch.float32)[None] + e0  # [B, F, 6, D]
+        shift1, scale1, gate1, shift2, scale2, gate2 = mod.unsqueeze(3).unbind(2)  # each [B, F, 1, D]
+
+        y = self._self_attn(i, block.self_attn, self._modulate(block.norm1(x), shift1, scale1, frames), rope, plan)
+        x = x + (y.float().view(B, frames, L // frames, D) * gate1).view(B, L, D)
+        x = x + self._cross_attn(block.cross_attn, block.norm3(x), cross_kv).float()
+        y = block.ffn(self._modulate(block.norm2(x), shift2, scale2, frames).to(self.dtype))
+        return x + (y.float().view(B, frames, L // frames, D) * gate2).view(B, L, D)
+
+    def _self_attn(self, layer, m, x, rope, plan):
+        B, L, _ = x.shape
+        H, D = self.config.num_heads, self.config.head_dim
+        x = x.to(self.dtype)
+        q = apply_rope(m.norm_q(m.q(x)).view(B, L, H, D), *rope)
+        k = apply_rope(m.norm_k(m.k(x)).view(B, L, H, D), *rope)
+        v = m.v(x).view(B, L, H, D)
+        return m.o(plan.attend(layer, q, k, v, self.attn).flatten(2))
+
+    def _cross_attn(self, m, x, kv):
+        B, L, _ = x.shape
+        H, D = self.config.num_heads, self.config.head_dim
+        q = m.norm_q(m.q(x.to(self.dtype))).view(B, L, H, D)
+        return m.o(self.attn(q, kv[0], kv[1], None).flatten(2))
