@@ -1,0 +1,314 @@
+"""LoRA trainer for Self Forcing (DMD with a self rollout), resumable and deterministic.
+
+Models: generator = student (the causal few-step model) + its LoRA; teacher (real score) = a
+bidirectional Wan, frozen; critic (fake score) = the same frozen teacher base + the critic's own LoRA.
+Only LoRA tensors train; the handed-in models are restored by `close()`.
+
+One iteration: a critic step on a no-grad rollout; every `critic_ratio` iterations (starting with the
+first) a generator step first: rollout with one random exit step shared by all chunks -> DMD loss.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..errors import SelfForcingError
+from ..io import atomic_path, check_writable
+from ..lora import LoRA
+from ..schedule import SELF_FORCING_STEPS, FlowSchedule, frame_sigma
+from ..stream import Stream, StreamSettings
+from ..wan.forward import WanBackbone, infer_config
+from .losses import critic_loss, dmd_loss
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    iterations: int = 100
+    rank: int = 32
+    alpha: float | None = None  # default: rank (scale 1)
+    lr: float = 1e-4  # generator LoRA (the recipe's 2e-6 is for full fine-tuning)
+    critic_lr: float = 2e-5  # critic LoRA (recipe ratio 1:5)
+    betas: tuple[float, float] = (0.0, 0.999)
+    weight_decay: float = 0.01
+    grad_clip: float = 10.0
+    critic_ratio: int = 5  # one generator step every this many critic steps
+    ema: float | None = 0.99
+    ema_start: int = 200  # generator steps before the EMA starts
+    grad_accum: int = 1
+    checkpointing: bool = True
+    latent_frames: int = 21
+    latent_height: int = 60
+    latent_width: int = 104
+    frames_per_chunk: int = 3
+    denoising_steps: tuple[float, ...] = SELF_FORCING_STEPS
+    shift: float = 5.0
+    guidance: float = 3.0  # real = cond + guidance * (cond - uncond), i.e. CFG 4
+    batch: int = 1
+    seed: int = 0
+    save_every: int = 50
+
+    def __post_init__(self):
+        if self.rank < 1:
+            raise SelfForcingError(f"LoRA rank must be at least 1, got {self.rank}")
+        if self.iterations < 1:
+            raise SelfForcingError(f"iterations must be at least 1, got {self.iterations}")
+        for name in ("critic_ratio", "grad_accum", "batch", "latent_frames", "frames_per_chunk"):
+            if getattr(self, name) < 1:
+                raise SelfForcingError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.lr <= 0 or self.critic_lr <= 0:
+            raise SelfForcingError("learning rates must be positive")
+        if self.ema is not None and not 0 < self.ema < 1:
+            raise SelfForcingError(f"EMA decay must be in (0, 1), got {self.ema}")
+
+
+class Trainer:
+    """Train a generator LoRA with Self Forcing DMD.
+
+    prompts: text embeddings [N, Lt, text_dim] (encoded once; the text encoder can be freed).
+    negative: [1, Lt, text_dim] embedding of the negative prompt (the teacher's unconditional branch).
+    """
+
+    def __init__(
+        self,
+        generator_model: nn.Module,
+        teacher_model: nn.Module,
+        prompts: torch.Tensor,
+        negative: torch.Tensor,
+        settings: TrainSettings = TrainSettings(),
+        *,
+        dtype: torch.dtype | None = None,
+    ):
+        s = self.settings = settings
+        gcfg, tcfg = infer_config(generator_model), infer_config(teacher_model)
+        if gcfg.in_dim != tcfg.in_dim or gcfg.out_dim != tcfg.out_dim:
+            raise SelfForcingError(
+                f"the teacher works on {tcfg.in_dim}-channel latents, the generator on {gcfg.in_dim}; "
+                "use a teacher from the same family (Wan2.1 T2V)"
+            )
+        if gcfg.text_dim != tcfg.text_dim:
+            raise SelfForcingError(f"teacher text width {tcfg.text_dim} != generator text width {gcfg.text_dim}")
+        if prompts.ndim != 3 or prompts.shape[0] == 0:
+            raise SelfForcingError("no prompts to train on: give at least one prompt (one per line)")
+        if prompts.shape[-1] != gcfg.text_dim or negative.shape[-1] != gcfg.text_dim:
+            raise SelfForcingError(f"prompt embeddings must be {gcfg.text_dim} wide for this model")
+        gcfg.tokens_per_frame(s.latent_height, s.latent_width)  # size check before any work
+
+        self.rng = torch.Generator(device="cpu").manual_seed(s.seed)
+        self.generator_model, self.teacher_model = generator_model, teacher_model
+        self.gen_lora = LoRA.inject(generator_model, s.rank, s.alpha, generator=self.rng)
+        self.critic_lora = LoRA.inject(teacher_model, s.rank, s.alpha, generator=self.rng)
+        self.student = WanBackbone(generator_model, gcfg, dtype=dtype, checkpointing=s.checkpointing)
+        self.teacher = WanBackbone(teacher_model, tcfg, dtype=dtype, checkpointing=s.checkpointing)
+        self.device = self.student.device
+        self.prompts = prompts.to(self.device)
+        self.negative = negative.to(self.device)
+        self.schedule = FlowSchedule(s.shift)
+        self.stream_settings = StreamSettings(frames_per_chunk=s.frames_per_chunk, steps=s.denoising_steps,
+                                              shift=s.shift)
+        adamw = dict(betas=s.betas, weight_decay=s.weight_decay)
+        self.gen_opt = torch.optim.AdamW(self.gen_lora.parameters(), lr=s.lr, **adamw)
+        self.critic_opt = torch.optim.AdamW(self.critic_lora.parameters(), lr=s.critic_lr, **adamw)
+        self.ema: LoRA | None = None
+        self.iteration = 0
+        self.generator_steps = 0
+
+    # ---- pieces ------------------------------------------------------------------------------
+    def _sample_prompts(self) -> torch.Tensor:
+        idx = torch.randint(0, self.prompts.shape[0], (self.settings.batch,), generator=self.rng)
+        return self.prompts[idx.to(self.device)]
+
+    def rollout(self, text: torch.Tensor, exit_step: int | None) -> torch.Tensor:
+        """The inference chunk loop on the generator; returns the video [B, C, F, H, W]."""
+        s = self.settings
+        stream = Stream(self.student, text, latent_height=s.latent_height, latent_width=s.latent_width,
+                        num_frames=s.latent_frames, batch=s.batch, settings=self.stream_settings,
+                        generator=self.rng)
+        return torch.cat([c.latents for c in stream.rollout(exit_step)], dim=2)
+
+    def _x0(self, backbone: WanBackbone, prompt, x_t, t):
+        sigma = frame_sigma(self.schedule.sigmas_of(t))
+        return x_t - sigma * backbone(x_t, t, prompt)
+
+    def _teacher_x0(self, prompt, x_t, t):
+        """Real score: the frozen teacher base, the critic's LoRA switched off."""
+        with self.critic_lora.disabled():
+            return self._x0(self.teacher, prompt, x_t, t)
+
+    def generator_loss(self) -> torch.Tensor:
+        """Self rollout with one exit step shared by all chunks, then DMD on the whole video."""
+        text = self._sample_prompts()
+        self.last_exit_step = int(torch.randint(0, len(self.settings.denoising_steps), (1,), generator=self.rng))
+        video = self.rollout(text, self.last_exit_step)
+        with torch.no_grad():
+            with self.critic_lora.disabled():
+                cond = self.teacher.encode_text(text)
+                uncond = self.teacher.encode_text(self.negative.expand(text.shape[0], -1, -1))
+            fake_prompt = self.teacher.encode_text(text)
+        loss, _ = dmd_loss(
+            video,
+            teacher_cond=lambda x_t, t: self._teacher_x0(cond, x_t, t),
+            teacher_uncond=lambda x_t, t: self._teacher_x0(uncond, x_t, t),
+            critic=lambda x_t, t: self._x0(self.teacher, fake_prompt, x_t, t),
+            generator=self.rng,
+            schedule=self.schedule,
+            guidance=self.settings.guidance,
+        )
+        return loss
+
+    def critic_loss(self) -> torch.Tensor:
+        """Flow matching of the critic (teacher base + critic LoRA) on a no-grad generator rollout."""
+        text = self._sample_prompts()
+        with torch.no_grad():
+            video = self.rollout(text, None)
+        prompt = self.teacher.encode_text(text)
+        return critic_loss(video, lambda x_t, t: self.teacher(x_t, t, prompt), self.rng, self.schedule)
+
+    def _update(self, loss_fn: Callable[[], torch.Tensor], lora: LoRA, opt: torch.optim.Optimizer) -> float:
+        opt.zero_grad(set_to_none=True)
+        total = 0.0
+        for _ in range(self.settings.grad_accum):
+            loss = loss_fn() / self.settings.grad_accum
+            loss.backward()
+            total += loss.detach()
+        torch.nn.utils.clip_grad_norm_(lora.parameters(), self.settings.grad_clip)
+        opt.step()
+        return float(total)  # one host sync per optimiser step, for the progress report
+
+    def _update_ema(self) -> None:
+        s = self.settings
+        if s.ema is None or self.generator_steps < s.ema_start:
+            return
+        if self.ema is None:
+            self.ema = copy.deepcopy(self.gen_lora).requires_grad_(False)
+            return
+        with torch.no_grad():
+            for e, p in zip(self.ema.parameters(), self.gen_lora.parameters()):
+                e.lerp_(p, 1 - s.ema)
+
+    # ---- the loop ----------------------------------------------------------------------------
+    def train_step(self) -> dict:
+        """One iteration: maybe a generator step, then a critic step. Returns the progress record."""
+        start = time.perf_counter()
+        info: dict = {"iteration": self.iteration + 1}
+        if self.iteration % self.settings.critic_ratio == 0:
+            info["generator_loss"] = self._update(self.generator_loss, self.gen_lora, self.gen_opt)
+            info["exit_step"] = self.last_exit_step
+            self.generator_steps += 1
+            self._update_ema()
+        info["critic_loss"] = self._update(self.critic_loss, self.critic_lora, self.critic_opt)
+        self.iteration += 1
+        info["seconds"] = time.perf_counter() - start
+        return info
+
+    def train(
+        self,
+        checkpoint: str | Path | None = None,
+        on_step: Callable[[dict], None] | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> list[dict]:
+        """Run until `settings.iterations`; checkpoint every `save_every` and when stopped early."""
+        history = []
+        if checkpoint is not None:
+            check_writable(checkpoint)
+        while self.iteration < self.settings.iterations:
+            if should_stop is not None and should_stop():
+                break
+            info = self.train_step()
+            history.append(info)
+            if on_step is not None:
+                on_step(info)
+            if checkpoint is not None and self.iteration % self.settings.save_every == 0:
+                self.save_checkpoint(checkpoint)
+        if checkpoint is not None:
+            self.save_checkpoint(checkpoint)
+        return history
+
+    # ---- state -------------------------------------------------------------------------------
+    def final_lora(self) -> LoRA:
+        """The LoRA to ship: the EMA once it has started, else the raw generator LoRA."""
+        return self.ema if self.ema is not None else self.gen_lora
+
+    def state_dict(self) -> dict:
+        return {
+            "iteration": self.iteration,
+            "generator_steps": self.generator_steps,
+            "gen_lora": self.gen_lora.state_dict(),
+            "critic_lora": self.critic_lora.state_dict(),
+            "ema": None if self.ema is None else self.ema.state_dict(),
+            "gen_opt": self.gen_opt.state_dict(),
+            "critic_opt": self.critic_opt.state_dict(),
+            "rng": self.rng.get_state(),
+            "settings": dataclasses.asdict(self.settings),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        mine = dataclasses.asdict(self.settings)
+        for key in ("rank", "alpha", "latent_frames", "latent_height", "latent_width", "frames_per_chunk", "batch"):
+            if _norm(state["settings"].get(key)) != _norm(mine[key]):
+                raise SelfForcingError(
+                    f"checkpoint was trained with {key}={state['settings'].get(key)}, this run has {mine[key]}; "
+                    "resume with the same settings"
+                )
+        self.gen_lora.load_state_dict(state["gen_lora"])
+        self.critic_lora.load_state_dict(state["critic_lora"])
+        self.gen_opt.load_state_dict(state["gen_opt"])
+        self.critic_opt.load_state_dict(state["critic_opt"])
+        self.ema = None
+        if state["ema"] is not None:
+            self.ema = copy.deepcopy(self.gen_lora).requires_grad_(False)
+            self.ema.load_state_dict(state["ema"])
+        self.rng.set_state(state["rng"])
+        self.iteration, self.generator_steps = state["iteration"], state["generator_steps"]
+
+    def save_checkpoint(self, path: str | Path) -> None:
+        with atomic_path(path) as tmp:
+            torch.save(self.state_dict(), tmp)
+
+    def resume(self, path: str | Path) -> None:
+        self.load_state_dict(torch.load(path, map_location=self.device, weights_only=True))
+
+    def close(self) -> None:
+        """Take the LoRAs off: the handed-in models are as they were found."""
+        self.gen_lora.remove()
+        self.critic_lora.remove()
+
+
+def _norm(v):
+    return list(v) if isinstance(v, tuple) else v
+
+
+@torch.no_grad()
+def evaluate(trainer: Trainer, seed: int = 1234) -> dict:
+    """Fixed-noise progress measures (comparable across steps; uses its own generator):
+
+    teacher_distance: mean |x - real(x_t)| between a generator rollout x and the teacher's CFG denoising
+    of it at t = 500 (how far the generator's samples are from what the teacher would make of them);
+    critic_loss: the critic's flow-matching loss on that rollout at fixed t and noise.
+    """
+    s = trainer.settings
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    text = trainer.prompts[:1].expand(s.batch, -1, -1)
+    stream = Stream(trainer.student, text, latent_height=s.latent_height, latent_width=s.latent_width,
+                    num_frames=s.latent_frames, batch=s.batch, settings=trainer.stream_settings, generator=g)
+    x = torch.cat([c.latents for c in stream], dim=2)
+    t = torch.full((s.batch, x.shape[2]), 500.0, device=x.device)
+    eps = torch.randn(x.shape, generator=g).to(x.device)
+    sigma = frame_sigma(trainer.schedule.sigmas_of(t))
+    x_t = (1 - sigma) * x + sigma * eps
+    with trainer.critic_lora.disabled():
+        cond = trainer._x0(trainer.teacher, trainer.teacher.encode_text(text), x_t, t)
+        uncond = trainer._x0(trainer.teacher, trainer.teacher.encode_text(trainer.negative.expand(s.batch, -1, -1)), x_t, t)
+    real = cond + s.guidance * (cond - uncond)
+    v = trainer.teacher(x_t, t, trainer.teacher.encode_text(text))
+    return {
+        "teacher_distance": float((x - real).abs().mean()),
+        "critic_loss": float(((v - (eps - x)) ** 2).mean()),
+    }
