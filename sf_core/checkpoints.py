@@ -232,5 +232,17 @@ def load_dit(path, device="cpu", dtype: torch.dtype | None = torch.float32, keep
     return model, ckpt
 
 
+def check_dit_file(path: str | os.PathLike) -> str:
+    """Cheap check that `path` is a family DiT (header / memory-mapped keys only); returns its format."""
+    from .io import SAFETENSORS_SUFFIXES, peek_keys
+
+    path = Path(path)
+    if path.is_dir() or path.suffix.lower() in SAFETENSORS_SUFFIXES:
+        keys = peek_keys(path)
+    else:
+        keys, _ = _pick_nested(read_state_dict(path), str(path))  # memory-mapped: no data is read
+    return normalize_keys(dict.fromkeys(keys), str(path))[1]
+
+
 def inspect(path) -> str:
     return json.dumps(load_dit_checkpoint(path).summary(), indent=2)

@@ -28,6 +28,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="time the chunk loop on a random-weight model (JSON)")
     bench.add_arguments(p)
     p.set_defaults(func=bench.main)
+    from . import generate
+
+    p = sub.add_parser("generate", help="text -> streaming video, written to MP4 as chunks arrive")
+    generate.add_arguments(p)
+    p.set_defaults(func=generate.main)
     return parser
 
 

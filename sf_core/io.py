@@ -95,3 +95,33 @@ def check_writable(target: str | os.PathLike) -> Path:
     if target.is_dir():
         raise IsADirectoryError(f"cannot write {target}: it is a folder; give a file name")
     return target
+
+
+def peek_keys(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
+    """Tensor names -> shapes of a weights file without reading its data (safetensors header, or a
+    memory-mapped pickle). Nested dicts of .pt files are flattened with '.'."""
+    path = Path(path)
+    if path.is_dir():
+        out: dict[str, tuple[int, ...]] = {}
+        for f in sorted(path.rglob("*.safetensors")):
+            out.update(peek_keys(f))
+        return out
+    if path.suffix.lower() in SAFETENSORS_SUFFIXES and path.is_file() and path.stat().st_size > 0:
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        except (SafetensorError, OSError, RuntimeError) as e:
+            raise CheckpointError(f"{path}: not a readable safetensors file ({e}); it may be truncated") from e
+    flat: dict[str, tuple[int, ...]] = {}
+
+    def walk(obj, prefix):
+        for k, v in obj.items():
+            if isinstance(v, dict):
+                walk(v, f"{prefix}{k}.")
+            elif isinstance(v, torch.Tensor):
+                flat[f"{prefix}{k}"] = tuple(v.shape)
+
+    walk(read_state_dict(path), "")
+    return flat

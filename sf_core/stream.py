@@ -198,7 +198,8 @@ class Stream:
         if exit_step is not None and not 0 <= exit_step < len(self.timesteps):
             raise SelfForcingError(f"exit step {exit_step} is outside the {len(self.timesteps)} denoising steps")
         n = self.settings.frames_per_chunk
-        prompt_index, prompt = 0, self._prompt(0)
+        train = exit_step is not None  # prompt K/V keep their graph so LoRAs on cross-attn k/v learn too
+        prompt_index, prompt = 0, self._prompt(0, train)
         if self.prefix is not None:
             self._prefill(prompt)
             yield Chunk(-1, 0, self.prefix, prompt_index, last=False)
@@ -208,7 +209,7 @@ class Stream:
                 return
             wanted = self.timeline.index_at(index)
             if wanted != prompt_index:
-                prompt_index, prompt = wanted, self._prompt(wanted)
+                prompt_index, prompt = wanted, self._prompt(wanted, train)
                 self._switch(prompt, start)
             count = n if self.num_frames is None else min(n, self.prefix_frames + self.num_frames - start)
             last = self.num_chunks is not None and index == self.num_chunks - 1
@@ -218,11 +219,11 @@ class Stream:
             yield Chunk(index, start, x0, prompt_index, last)
             start += count
 
-    def _prompt(self, index: int) -> PromptKV:
+    def _prompt(self, index: int, grad: bool = False) -> PromptKV:
         text = self.timeline.segments[index].text
         if text.shape[0] != self.batch:
             text = text.expand(self.batch, -1, -1)
-        with torch.no_grad():
+        with torch.set_grad_enabled(grad):
             return self.backbone.encode_text(text)
 
     def _randn(self, count: int) -> torch.Tensor:
