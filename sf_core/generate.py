@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import time
 from pathlib import Path
 
 import torch
@@ -18,6 +17,7 @@ import torch
 from .checkpoints import check_dit_file, load_dit
 from .errors import CheckpointError, SelfForcingError
 from .io import check_writable, peek_keys
+from .pipeline import Timings, decode_stream
 from .latents import latent_frames_for, latent_size_for, video_frames_for
 from .stream import PromptSegment, PromptTimeline, Stream, StreamSettings
 from .timeline import parse_timeline
@@ -125,43 +125,19 @@ def run(args, log=print) -> dict:
     h, w = plan["latent"]
     stream = Stream(backbone, timeline, latent_height=h, latent_width=w, num_frames=plan["latent_frames"],
                     settings=plan["settings"], generator=torch.Generator(device="cpu").manual_seed(args.seed))
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     log(f"model {ckpt.format} {ckpt.config.dim}d x{ckpt.config.num_layers} | {args.width}x{args.height}, "
         f"{video_frames_for(plan['latent_frames'])} frames in {stream.num_chunks} chunks | attention {backbone.attn_backend}")
 
-    dit_s = dec_s = 0.0
-    frames_out = 0
-    first_frame = None
-    start = time.perf_counter()
+    timings = Timings()
     with VideoWriter(args.output, fps=args.fps) as writer:
-        t0 = time.perf_counter()
-        for chunk in stream:
-            sync()
-            t1 = time.perf_counter()
-            pixels = decoder.decode_normalized(chunk.latents)  # [B, 3, n, H, W] in [-1, 1]
-            frames = ((pixels[0].permute(1, 2, 3, 0).float() + 1) * 127.5).clamp(0, 255).round().to(torch.uint8).cpu()
-            t2 = time.perf_counter()
-            if first_frame is None:
-                first_frame = t2 - start
-            writer.write(frames.numpy())
+        for step in decode_stream(stream, decoder, timings):
+            first = timings.frames - len(step.frames)
+            writer.write(step.frames.numpy())
             if args.frames_dir:
-                write_frames_png(args.frames_dir, frames.numpy(), frames_out)
-            dit_s += t1 - t0
-            dec_s += t2 - t1
-            log(f"chunk {chunk.index + 1}/{stream.num_chunks}  frames {frames_out}-{frames_out + len(frames) - 1}  "
-                f"dit {t1 - t0:.3f}s  decode {t2 - t1:.3f}s  prompt {chunk.prompt}")
-            frames_out += len(frames)
-            t0 = time.perf_counter()
-    total = time.perf_counter() - start
-    summary = {
-        "output": str(args.output),
-        "video_frames": frames_out,
-        "first_frame_latency_s": round(first_frame, 4),
-        "fps_with_decoding": round(frames_out / total, 3),
-        "fps_without_decoding": round(frames_out / dit_s, 3),
-        "dit_seconds": round(dit_s, 3),
-        "decode_seconds": round(dec_s, 3),
-    }
+                write_frames_png(args.frames_dir, step.frames.numpy(), first)
+            log(f"chunk {step.chunk.index + 1}/{stream.num_chunks}  frames {first}-{timings.frames - 1}  "
+                f"dit {step.dit_s:.3f}s  decode {step.decode_s:.3f}s  prompt {step.chunk.prompt}")
+    summary = {"output": str(args.output), **timings.summary()}
     log(json.dumps(summary))
     return summary
 

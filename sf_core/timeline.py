@@ -6,11 +6,13 @@
 
 A single line without a tag is one prompt for the whole video. Times map to the chunk holding that
 video frame (16 fps, 4 video frames per latent frame, `frames_per_chunk` latent frames per chunk).
+Parsing (`parse_entries`) needs no sampler settings; `resolve` maps entries to chunks once they are known.
 """
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 from .errors import SelfForcingError
 from .stream import chunk_at_seconds
@@ -18,14 +20,23 @@ from .stream import chunk_at_seconds
 _TAG = re.compile(r"^\s*(?:(?P<sec>\d+(?:\.\d+)?)\s*s|#\s*(?P<chunk>\d+)|chunk\s+(?P<chunk2>\d+))\s*:\s*(?P<text>.*)$", re.I)
 
 
-def parse_timeline(text: str, fps: float = 16.0, frames_per_chunk: int = 3) -> list[tuple[int, str]]:
-    """Text -> [(start_chunk, prompt), ...] sorted by start; the first prompt starts at chunk 0."""
+@dataclass(frozen=True)
+class Entry:
+    prompt: str
+    seconds: float | None = None  # start time, or
+    chunk: int | None = None  # start chunk
+
+    def start_chunk(self, fps: float, frames_per_chunk: int) -> int:
+        return self.chunk if self.chunk is not None else chunk_at_seconds(self.seconds, fps, frames_per_chunk)
+
+
+def parse_entries(text: str) -> list[Entry]:
     lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
     if not lines:
         raise SelfForcingError("the prompt is empty; write what the video should show")
     if len(lines) == 1 and not _TAG.match(lines[0]):
-        return [(0, lines[0])]
-    out: dict[int, str] = {}
+        return [Entry(lines[0], seconds=0.0)]
+    entries = []
     for n, line in enumerate(lines, 1):
         m = _TAG.match(line)
         if not m:
@@ -35,15 +46,29 @@ def parse_timeline(text: str, fps: float = 16.0, frames_per_chunk: int = 3) -> l
         if not m["text"].strip():
             raise SelfForcingError(f"timeline line {n} has a time but no prompt")
         if m["sec"] is not None:
-            chunk = chunk_at_seconds(float(m["sec"]), fps, frames_per_chunk)
+            entries.append(Entry(m["text"].strip(), seconds=float(m["sec"])))
         else:
-            chunk = int(m["chunk"] or m["chunk2"])
-        if chunk in out:
+            entries.append(Entry(m["text"].strip(), chunk=int(m["chunk"] or m["chunk2"])))
+    return entries
+
+
+def resolve(entries: list[Entry], fps: float = 16.0, frames_per_chunk: int = 3) -> list[int]:
+    """Start chunk of each entry (same order). Raises if two share a chunk or nothing starts at 0."""
+    starts = [e.start_chunk(fps, frames_per_chunk) for e in entries]
+    seen: dict[int, int] = {}
+    for i, c in enumerate(starts):
+        if c in seen:
             raise SelfForcingError(
-                f"timeline line {n} starts in chunk {chunk}, like an earlier line; prompts switch at chunk "
-                f"boundaries ({frames_per_chunk * 4 / fps:.2f}s apart): move it later"
+                f"timeline prompts {seen[c] + 1} and {i + 1} both start in chunk {c}; prompts switch at chunk "
+                f"boundaries ({frames_per_chunk * 4 / fps:.2f}s apart): move one later"
             )
-        out[chunk] = m["text"].strip()
-    if 0 not in out:
+        seen[c] = i
+    if 0 not in seen:
         raise SelfForcingError("the timeline must start at 0s (or #0)")
-    return sorted(out.items())
+    return starts
+
+
+def parse_timeline(text: str, fps: float = 16.0, frames_per_chunk: int = 3) -> list[tuple[int, str]]:
+    """Text -> [(start_chunk, prompt), ...] sorted by start."""
+    entries = parse_entries(text)
+    return sorted(zip(resolve(entries, fps, frames_per_chunk), (e.prompt for e in entries)))

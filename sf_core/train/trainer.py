@@ -286,12 +286,11 @@ def _norm(v):
 
 
 @torch.no_grad()
-def evaluate(trainer: Trainer, seed: int = 1234) -> dict:
-    """Fixed-noise progress measures (comparable across steps; uses its own generator):
+def evaluate(trainer: Trainer, seed: int = 1234, timesteps=(250.0, 500.0, 750.0)) -> dict:
+    """Fixed-noise progress measures, comparable across steps (their own generator, fixed timesteps):
 
     teacher_distance: mean |x - real(x_t)| between a generator rollout x and the teacher's CFG denoising
-    of it at t = 500 (how far the generator's samples are from what the teacher would make of them);
-    critic_loss: the critic's flow-matching loss on that rollout at fixed t and noise.
+    of it; critic_loss: the critic's flow-matching loss on that rollout. Both averaged over `timesteps`.
     """
     s = trainer.settings
     g = torch.Generator(device="cpu").manual_seed(seed)
@@ -299,16 +298,19 @@ def evaluate(trainer: Trainer, seed: int = 1234) -> dict:
     stream = Stream(trainer.student, text, latent_height=s.latent_height, latent_width=s.latent_width,
                     num_frames=s.latent_frames, batch=s.batch, settings=trainer.stream_settings, generator=g)
     x = torch.cat([c.latents for c in stream], dim=2)
-    t = torch.full((s.batch, x.shape[2]), 500.0, device=x.device)
-    eps = torch.randn(x.shape, generator=g).to(x.device)
-    sigma = frame_sigma(trainer.schedule.sigmas_of(t))
-    x_t = (1 - sigma) * x + sigma * eps
     with trainer.critic_lora.disabled():
-        cond = trainer._x0(trainer.teacher, trainer.teacher.encode_text(text), x_t, t)
-        uncond = trainer._x0(trainer.teacher, trainer.teacher.encode_text(trainer.negative.expand(s.batch, -1, -1)), x_t, t)
-    real = cond + s.guidance * (cond - uncond)
-    v = trainer.teacher(x_t, t, trainer.teacher.encode_text(text))
-    return {
-        "teacher_distance": float((x - real).abs().mean()),
-        "critic_loss": float(((v - (eps - x)) ** 2).mean()),
-    }
+        cond_kv = trainer.teacher.encode_text(text)
+        uncond_kv = trainer.teacher.encode_text(trainer.negative.expand(s.batch, -1, -1))
+    critic_kv = trainer.teacher.encode_text(text)
+    distance = loss = 0.0
+    for tv in timesteps:
+        t = torch.full((s.batch, x.shape[2]), tv, device=x.device)
+        eps = torch.randn(x.shape, generator=g).to(x.device)
+        sigma = frame_sigma(trainer.schedule.sigmas_of(t))
+        x_t = (1 - sigma) * x + sigma * eps
+        with trainer.critic_lora.disabled():
+            cond = trainer._x0(trainer.teacher, cond_kv, x_t, t)
+            uncond = trainer._x0(trainer.teacher, uncond_kv, x_t, t)
+        distance += float((x - (cond + s.guidance * (cond - uncond))).abs().mean())
+        loss += float(((trainer.teacher(x_t, t, critic_kv) - (eps - x)) ** 2).mean())
+    return {"teacher_distance": distance / len(timesteps), "critic_loss": loss / len(timesteps)}

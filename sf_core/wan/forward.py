@@ -44,6 +44,17 @@ class PromptKV:
         return self.kv[0][0].shape[0]
 
 
+def _feed(module: nn.Module, x: torch.Tensor, want: torch.dtype) -> torch.Tensor:
+    """Cast x for `module`: `want` if the module casts its weights at use (sf_core's layers, ComfyUI's
+    manual-cast ops), else the dtype of its weight (a plain layer needs matching dtypes)."""
+    from .modules import CASTING
+
+    w = getattr(module, "weight", None)
+    if isinstance(module, CASTING) or getattr(module, "comfy_cast_weights", False) or w is None:
+        return x.to(want)
+    return x.to(w.dtype if w.dtype.is_floating_point and w.element_size() >= 2 else want)
+
+
 def infer_config(dit: nn.Module) -> WanConfig:
     cfg = getattr(dit, "config", None)
     if isinstance(cfg, WanConfig):
@@ -91,7 +102,7 @@ class WanBackbone:
             )
         if text.shape[1] < cfg.text_len:
             text = torch.cat([text, text.new_zeros(text.shape[0], cfg.text_len - text.shape[1], text.shape[2])], 1)
-        ctx = self.dit.text_embedding(text.to(self.device, self.dtype))
+        ctx = self.dit.text_embedding(_feed(self.dit.text_embedding[0], text.to(self.device), self.dtype))
         B, L, _ = ctx.shape
         H, D = cfg.num_heads, cfg.head_dim
         kv = []
@@ -131,12 +142,13 @@ class WanBackbone:
         frames = range(F) if frames is None else frames
         plan = plan or Bidirectional()
 
-        tokens = dit.patch_embedding(x.to(self.device, self.dtype))  # [B, dim, F, h, w]
+        tokens = dit.patch_embedding(_feed(dit.patch_embedding, x.to(self.device), self.dtype))  # [B, dim, F, h, w]
         tokens = tokens.flatten(2).transpose(1, 2).float()  # [B, F*h*w, dim], fp32 residual
         t = torch.as_tensor(t, device=self.device, dtype=torch.float32)
         t = t.reshape(-1, 1).expand(B, F) if t.ndim < 2 or t.shape[1] == 1 else t.expand(B, F)
-        e = dit.time_embedding(sinusoidal_embedding(cfg.freq_dim, t.reshape(-1))).view(B, F, cfg.dim).float()
-        e0 = dit.time_projection(e).unflatten(-1, (6, cfg.dim)).float()  # [B, F, 6, dim]
+        sin = sinusoidal_embedding(cfg.freq_dim, t.reshape(-1))
+        e = dit.time_embedding(_feed(dit.time_embedding[0], sin, torch.float32)).view(B, F, cfg.dim).float()
+        e0 = dit.time_projection(_feed(dit.time_projection[1], e, torch.float32)).unflatten(-1, (6, cfg.dim)).float()
         rope = rope_angles(frames, h, w, cfg.head_dim, cfg.rope_theta, self.device)
 
         for i, block in enumerate(dit.blocks):
@@ -169,7 +181,7 @@ class WanBackbone:
 
         y = self._self_attn(i, block.self_attn, self._modulate(block.norm1(x), shift1, scale1, frames), rope, plan)
         x = x + (y.float().view(B, frames, L // frames, D) * gate1).view(B, L, D)
-        x = x + self._cross_attn(block.cross_attn, block.norm3(x), cross_kv).float()
+        x = x + self._cross_attn(block.cross_attn, block.norm3(_feed(block.norm3, x, torch.float32)), cross_kv).float()
         y = block.ffn(self._modulate(block.norm2(x), shift2, scale2, frames).to(self.dtype))
         return x + (y.float().view(B, frames, L // frames, D) * gate2).view(B, L, D)
 

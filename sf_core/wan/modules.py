@@ -63,6 +63,9 @@ class RMSNorm(nn.Module):
         return y.to(x.dtype) * self.weight.to(device=x.device, dtype=x.dtype)
 
 
+CASTING = (Linear, Conv3d, LayerNorm, RMSNorm)
+
+
 class Attention(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()

@@ -1,0 +1,95 @@
+"""Stream + streaming decode: what the CLI, the ComfyUI sampler and the benchmarks consume.
+
+    for step in decode_stream(stream, decoder):
+        step.chunk    # the clean latent chunk (sf_core.stream.Chunk)
+        step.frames   # its decoded frames [n, H, W, 3] uint8 on CPU (None without a decoder)
+        step.dit_s, step.decode_s
+
+Timing is taken by this consumer after each chunk (a device sync here is measurement, not the loop).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+
+from .stream import Chunk, Stream
+
+
+@dataclass
+class StepResult:
+    chunk: Chunk
+    frames: torch.Tensor | None  # [n, H, W, 3] uint8 (first batch item), CPU
+    dit_s: float
+    decode_s: float
+    elapsed_s: float  # since the stream started
+
+
+@dataclass
+class Timings:
+    dit_s: float = 0.0
+    decode_s: float = 0.0
+    first_chunk_s: float | None = None
+    first_frame_s: float | None = None
+    frames: int = 0
+    latent_frames: int = 0
+    total_s: float = 0.0
+    per_chunk_s: list = field(default_factory=list)
+
+    def summary(self) -> dict:
+        out = {
+            "latent_frames": self.latent_frames,
+            "video_frames": self.frames,
+            "first_chunk_latency_s": _r(self.first_chunk_s),
+            "first_frame_latency_s": _r(self.first_frame_s),
+            "latent_fps_dit_only": _r(self.latent_frames / self.dit_s if self.dit_s else None),
+            "dit_seconds": _r(self.dit_s),
+            "decode_seconds": _r(self.decode_s),
+            "total_seconds": _r(self.total_s),
+        }
+        if self.frames:
+            out["fps_with_decoding"] = _r(self.frames / self.total_s)
+            out["fps_without_decoding"] = _r(self.frames / self.dit_s)
+        return out
+
+
+def _r(v):
+    return None if v is None else round(v, 4)
+
+
+def to_uint8_frames(pixels: torch.Tensor) -> torch.Tensor:
+    """Decoder output [B, 3, n, H, W] in [-1, 1] -> [n, H, W, 3] uint8 of the first batch item (CPU)."""
+    return ((pixels[0].permute(1, 2, 3, 0).float() + 1) * 127.5).clamp(0, 255).round().to(torch.uint8).cpu()
+
+
+def decode_stream(stream: Stream, decoder=None, timings: Timings | None = None) -> Iterator[StepResult]:
+    """Run `stream`, decoding each chunk at once with a streaming `decoder` (or not, if None)."""
+    device = stream.backbone.device
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    t = timings if timings is not None else Timings()
+    start = last = time.perf_counter()
+    for chunk in stream:
+        sync()
+        t1 = time.perf_counter()
+        frames = None
+        if decoder is not None:
+            with torch.no_grad():
+                frames = to_uint8_frames(decoder.decode_normalized(chunk.latents.detach()))
+        t2 = time.perf_counter()
+        dit_s, dec_s = t1 - last, t2 - t1
+        t.dit_s += dit_s
+        t.decode_s += dec_s
+        t.latent_frames += chunk.latents.shape[2]
+        t.per_chunk_s.append(round(dit_s, 5))
+        if t.first_chunk_s is None:
+            t.first_chunk_s = t1 - start
+        if frames is not None:
+            t.frames += frames.shape[0]
+            if t.first_frame_s is None:
+                t.first_frame_s = t2 - start
+        t.total_s = t2 - start
+        yield StepResult(chunk, frames, dit_s, dec_s, t2 - start)
+        last = time.perf_counter()
