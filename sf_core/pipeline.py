@@ -93,3 +93,79 @@ def decode_stream(stream: Stream, decoder=None, timings: Timings | None = None) 
         t.total_s = t2 - start
         yield StepResult(chunk, frames, dit_s, dec_s, t2 - start)
         last = time.perf_counter()
+
+
+class Background:
+    """Run an iterator in a worker thread (e.g. the stream on the GPU) while the caller consumes its items
+    (e.g. paces previews). `stop()` ends the worker after its current item; worker errors re-raise here.
+
+        with Background(lambda: decode_stream(stream, dec)) as items:
+            for step in items: ...
+    """
+
+    _DONE = object()
+
+    def __init__(self, make_iter, max_ahead: int = 4, grad: bool = False):
+        import queue
+        import threading
+
+        self._queue: "queue.Queue" = queue.Queue(maxsize=max_ahead)
+        self._stop = threading.Event()
+        self._error: BaseException | None = None
+
+        def work():
+            try:
+                with torch.inference_mode(not grad):
+                    for item in make_iter():
+                        while not self._stop.is_set():
+                            try:
+                                self._queue.put(item, timeout=0.1)
+                                break
+                            except queue.Full:
+                                continue
+                        if self._stop.is_set():
+                            return
+            except BaseException as e:  # delivered to the consumer
+                self._error = e
+            finally:
+                self._put_done()
+
+        self._thread = threading.Thread(target=work, name="sf-stream", daemon=True)
+        self._thread.start()
+
+    def _put_done(self):
+        import queue
+
+        while True:
+            try:
+                self._queue.put(self._DONE, timeout=0.1)
+                return
+            except queue.Full:
+                if self._stop.is_set():
+                    try:
+                        self._queue.get_nowait()
+                    except queue.Empty:
+                        pass
+
+    def pending(self) -> int:
+        """Items produced and not yet consumed."""
+        return self._queue.qsize()
+
+    def __iter__(self):
+        while True:
+            item = self._queue.get()
+            if item is self._DONE:
+                if self._error is not None:
+                    raise self._error
+                return
+            yield item
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()

@@ -1,0 +1,34 @@
+"""Text conditioning: the UMT5-XXL encoder and its sentencepiece tokenizer.
+
+    from sf_core.text import load_text_encoder
+    with load_text_encoder("umt5_xxl_fp8_e4m3fn_scaled.safetensors") as te:   # freed on exit
+        context = te.encode(["a red fox running through snow"])              # [1, 512, 4096]
+"""
+
+from .tokenizer import DEFAULT_LENGTH, EOS_ID, PAD_ID, Tokenizer, load_tokenizer
+from .umt5 import (
+    TextEncoder,
+    TextEncoderFileInfo,
+    UMT5Config,
+    UMT5Encoder,
+    encode_prompts,
+    inspect_text_encoder,
+    load_text_encoder,
+    read_embedded_tokenizer,
+)
+
+__all__ = [
+    "DEFAULT_LENGTH",
+    "EOS_ID",
+    "PAD_ID",
+    "TextEncoder",
+    "TextEncoderFileInfo",
+    "Tokenizer",
+    "UMT5Config",
+    "UMT5Encoder",
+    "encode_prompts",
+    "inspect_text_encoder",
+    "load_text_encoder",
+    "load_tokenizer",
+    "read_embedded_tokenizer",
+]
