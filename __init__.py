@@ -3,8 +3,6 @@
 Importing this package needs no ComfyUI: the nodes are imported only when ComfyUI asks for them.
 """
 
-WEB_DIRECTORY = None
-
 
 async def comfy_entrypoint():
     from .nodes import SelfForcingExtension

@@ -1,0 +1,16 @@
+"""ComfyUI nodes of the Self Forcing pack: thin adapters over sf_core (V3 API)."""
+
+from comfy_api.latest import ComfyExtension, io
+
+from .benchmark import Benchmark
+from .decode import StreamingDecode
+from .loader import LoadModel
+from .sampler import StreamSampler
+from .timeline import PromptTimeline
+
+NODES = [LoadModel, PromptTimeline, StreamSampler, StreamingDecode, Benchmark]
+
+
+class SelfForcingExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return NODES

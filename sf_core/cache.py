@@ -56,6 +56,14 @@ class KVCache:
         self.slot_frame = [-1] * capacity  # absolute frame held by each slot (-1: empty)
         self.slot_block_end = [-1] * capacity  # end frame of the chunk that frame was generated in
 
+    @staticmethod
+    def estimate_bytes(config: WanConfig, batch: int, latent_height: int, latent_width: int, capacity: int,
+                       dtype: torch.dtype = torch.bfloat16) -> int:
+        """Memory a cache of `capacity` frames will take (K, V and the clean latents)."""
+        tokens = capacity * config.tokens_per_frame(latent_height, latent_width)
+        kv = 2 * config.num_layers * batch * tokens * config.dim * torch.empty(0, dtype=dtype).element_size()
+        return kv + batch * config.in_dim * capacity * latent_height * latent_width * 4
+
     @property
     def nbytes(self) -> int:
         return self.k.nbytes + self.v.nbytes + self.latents.nbytes

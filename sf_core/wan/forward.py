@@ -68,7 +68,8 @@ class WanBackbone:
 
     dit: module with Wan parameter names. dtype: compute dtype of matmuls and attention (default fp32 on
     CPU, bf16 elsewhere). attn: "auto" | "sdpa" | "flash2" | "flash3". checkpointing: recompute each block
-    in backward (training).
+    in backward (training). device: where activations live (default: the patch embedding's device; give it
+    when weights are partly offloaded, as ComfyUI does in low-VRAM mode).
     """
 
     def __init__(
@@ -78,10 +79,11 @@ class WanBackbone:
         dtype: torch.dtype | None = None,
         attn: str = "auto",
         checkpointing: bool = False,
+        device: torch.device | str | None = None,
     ):
         self.dit = dit
         self.config = config or infer_config(dit)
-        self.device = dit.patch_embedding.weight.device
+        self.device = torch.device(device) if device is not None else dit.patch_embedding.weight.device
         if dtype is None:
             dtype = torch.float32 if self.device.type == "cpu" else torch.bfloat16
         self.dtype = dtype

@@ -1,0 +1,85 @@
+"""Self-Forcing Benchmark: first-frame latency, FPS with and without decoding, peak VRAM."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+import comfy.model_management as mm
+from comfy_api.latest import io
+
+from ..sf_core.latents import latent_size_for
+from ..sf_core.pipeline import Background, Timings, decode_stream
+from ..sf_core.stream import Stream
+from . import bridge
+from .common import CATEGORY, check_video_inputs, sampling_inputs, size_inputs, stream_settings
+
+
+class Benchmark(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="SelfForcingBenchmark",
+            display_name="Self-Forcing Benchmark",
+            category=CATEGORY,
+            description="Runs the given model (and VAE) for N chunks with a fixed random prompt embedding and reports "
+                        "first-frame latency, frames per second with and without decoding, and peak VRAM.",
+            inputs=[
+                io.Model.Input("model"),
+                io.Vae.Input("vae", optional=True),
+                io.Int.Input("chunks", default=7, min=1, max=10000),
+                *size_inputs(),
+                *sampling_inputs(),
+                io.Int.Input("warmup_chunks", default=1, min=0, max=100, tooltip="Chunks run first and not timed."),
+            ],
+            outputs=[io.String.Output(display_name="report")],
+            hidden=[io.Hidden.unique_id],
+            is_output_node=True,
+            not_idempotent=True,
+        )
+
+    @classmethod
+    def validate_inputs(cls, width=None, height=None, **kw):
+        return check_video_inputs(width, height, None, **kw)
+
+    @classmethod
+    def fingerprint_inputs(cls, **kw):
+        return float("nan")  # a benchmark always runs
+
+    @classmethod
+    def execute(cls, model, chunks, width, height, frames_per_chunk, denoising_steps, shift, window, sink,
+                warmup_chunks, vae=None) -> io.NodeOutput:
+        settings = stream_settings(frames_per_chunk, denoising_steps, shift, window, sink)
+        h, w = latent_size_for(height, width)
+        backbone = bridge.wan_backbone(model)
+        cfg = backbone.config
+        text = torch.randn(1, cfg.text_len, cfg.text_dim, generator=torch.Generator().manual_seed(0)) * 0.1
+        decoder = bridge.stream_decoder(vae) if vae is not None else None
+        device = backbone.device
+
+        def run(n_chunks, timings):
+            stream = Stream(backbone, text, latent_height=h, latent_width=w, num_frames=n_chunks * frames_per_chunk,
+                            settings=settings, generator=0)
+            with Background(lambda: decode_stream(stream, decoder.stream_decoder() if decoder else None, timings)) as steps:
+                for _ in steps:
+                    mm.throw_exception_if_processing_interrupted()
+            stream.close()
+
+        if warmup_chunks:
+            run(warmup_chunks, Timings())
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        timings = Timings()
+        run(chunks, timings)
+        report = {"device": str(device), "dtype": str(backbone.dtype).replace("torch.", ""),
+                  "attention": backbone.attn_backend, "size": f"{width}x{height}", "chunks": chunks,
+                  **timings.summary(), "seconds_per_chunk": timings.per_chunk_s}
+        if device.type == "cuda":
+            report["peak_vram_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
+        text_report = json.dumps(report, indent=1)
+        bridge.LiveProgress(cls.hidden.unique_id, 1).status(
+            f"first frame {report['first_frame_latency_s'] or report['first_chunk_latency_s']}s · "
+            f"{report.get('fps_with_decoding', '-')} FPS decoded · {report.get('fps_without_decoding') or report['latent_fps_dit_only']} "
+            f"{'FPS' if decoder else 'latent FPS'} DiT only · peak VRAM {report.get('peak_vram_gib', '-')} GiB")
+        return io.NodeOutput(text_report, ui={"text": [text_report]})

@@ -1,0 +1,122 @@
+"""The few places where ComfyUI objects meet the engine: MODEL -> backbone, CONDITIONING -> text,
+VAE -> streaming decoder, LATENT <-> normalised latents, and live progress on a node."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+import comfy.model_management as mm
+import comfy.utils
+
+from ..sf_core.cache import KVCache
+from ..sf_core.errors import SelfForcingError
+from ..sf_core.latents import denormalize, normalize
+from ..sf_core.wan.forward import WanBackbone, infer_config
+
+SUPPORTED_DIT = ("WanModel", "CausalWanModel")
+
+
+def wan_backbone(model, attn: str = "auto", memory_required: int = 0) -> WanBackbone:
+    """Load a stock MODEL (LoRA patches applied by ComfyUI) and wrap its Wan DiT for the engine."""
+    dm = model.get_model_object("diffusion_model")
+    name = type(dm).__name__
+    if name not in SUPPORTED_DIT or not hasattr(dm, "blocks") or getattr(dm, "in_dim", 16) != 16:
+        raise SelfForcingError(
+            f"this MODEL is a {name}, not a Wan2.1 text-to-video DiT; load a Self Forcing / Wan2.1 T2V "
+            "checkpoint with 'Load Self-Forcing Model' or the stock 'Load Diffusion Model'"
+        )
+    mm.load_models_gpu([model], memory_required=memory_required)
+    dtype = model.model.manual_cast_dtype or model.model.get_dtype()
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        dtype = torch.bfloat16
+    return WanBackbone(dm, infer_config(dm), dtype=dtype, attn=attn, device=model.load_device)
+
+
+def text_from_conditioning(conditioning, text_dim: int, text_len: int = 512) -> torch.Tensor:
+    """Stock CONDITIONING ([[cond [1, n, 4096], {...}], ...]) -> [1, min(n, 512), 4096] (Wan truncates at 512)."""
+    if not conditioning:
+        raise SelfForcingError("the conditioning is empty; connect a CLIP Text Encode (CLIPLoader type 'wan')")
+    cond = conditioning[0][0]
+    if cond.ndim != 3 or cond.shape[-1] != text_dim:
+        raise SelfForcingError(
+            f"the conditioning is {cond.shape[-1]} wide but this model reads {text_dim}-wide UMT5 embeddings; "
+            "encode the prompt with CLIPLoader type 'wan' (umt5_xxl) + CLIP Text Encode"
+        )
+    return cond[:1, :text_len].float()
+
+
+def stream_decoder(vae, device=None):
+    """A streaming decoder over the weights of a stock VAE (Wan2.1 VAE), on the compute device."""
+    from ..sf_core.vae import decoder_from_state_dict
+
+    device = device or mm.get_torch_device()
+    dtype = getattr(vae, "vae_dtype", torch.float32)
+    sd = vae.get_sd()
+    try:
+        decoder = decoder_from_state_dict(sd, device=device, dtype=dtype, source="the connected VAE")
+    except Exception as e:
+        raise SelfForcingError(f"the connected VAE cannot stream Wan2.1 latents: {e}") from e
+    return decoder
+
+
+def cache_fits(backbone: WanBackbone, batch: int, h: int, w: int, capacity: int) -> int:
+    """Bytes the KV cache will take; refuse a whole-video cache that cannot fit in free memory."""
+    need = KVCache.estimate_bytes(backbone.config, batch, h, w, capacity, backbone.dtype)
+    free = mm.get_free_memory(backbone.device)
+    if need > free:
+        raise SelfForcingError(
+            f"a whole-video KV cache of {capacity} latent frames needs {need / 2**30:.1f} GiB, only "
+            f"{free / 2**30:.1f} GiB is free; set a window (e.g. 12, sink 3) for long videos"
+        )
+    return need
+
+
+def to_latent(z: torch.Tensor) -> dict:
+    """Normalised latents [B, 16, T, h, w] -> a stock LATENT (un-normalised, CPU float32)."""
+    return {"samples": denormalize(z.float()).cpu()}
+
+
+def from_latent(latent: dict) -> torch.Tensor:
+    samples = latent["samples"]
+    if samples.ndim != 5 or samples.shape[1] != 16:
+        raise SelfForcingError(f"expected a Wan2.1 video LATENT [B, 16, T, h, w], got {tuple(samples.shape)}")
+    return normalize(samples.float())
+
+
+def latent_preview(z: torch.Tensor, latent_format) -> torch.Tensor:
+    """Cheap RGB of normalised latents [B,16,n,h,w] -> uint8 [n, h, w, 3] with the format's rgb factors."""
+    mu = denormalize(z[:1].float())
+    factors = torch.tensor(latent_format.latent_rgb_factors, dtype=torch.float32, device=mu.device)  # [16, 3]
+    bias = torch.tensor(latent_format.latent_rgb_factors_bias or [0, 0, 0], dtype=torch.float32, device=mu.device)
+    rgb = torch.einsum("bcthw,cr->bthwr", mu, factors) + bias
+    return ((rgb[0] + 1) * 127.5).clamp(0, 255).to(torch.uint8).cpu()
+
+
+class LiveProgress:
+    """Progress bar, flip-book previews and a status line on one node. Frames of a chunk are shown one
+    by one at the video's frame rate while later chunks are generated; when generation is ahead of
+    playback, only the newest frame of a chunk is shown so the preview stays live."""
+
+    def __init__(self, node_id, total: int, fps: float = 16.0, max_size: int | None = None):
+        self.node_id, self.total, self.fps, self.max_size = node_id, total, fps, max_size
+        self.bar = comfy.utils.ProgressBar(total, node_id=node_id)
+        self.next_at = 0.0
+
+    def status(self, text: str) -> None:
+        from server import PromptServer
+
+        if self.node_id is not None and PromptServer.instance is not None:
+            PromptServer.instance.send_progress_text(text, self.node_id)
+
+    def frames(self, done: int, frames: torch.Tensor, behind: bool) -> None:
+        from PIL import Image
+
+        shown = frames[-1:] if behind else frames
+        for frame in shown:
+            delay = self.next_at - time.perf_counter()
+            if delay > 0 and not behind:
+                time.sleep(delay)
+            self.bar.update_absolute(done, self.total, ("JPEG", Image.fromarray(frame.numpy()), self.max_size))
+            self.next_at = time.perf_counter() + 1.0 / self.fps

@@ -1,0 +1,62 @@
+"""Shared input definitions and checks of the pack's nodes (ComfyUI V3 API)."""
+
+from __future__ import annotations
+
+from comfy_api.latest import io
+
+from ..sf_core.errors import SelfForcingError
+from ..sf_core.latents import latent_frames_for, latent_size_for
+from ..sf_core.stream import StreamSettings
+
+CATEGORY = "Self Forcing"
+Timeline = io.Custom("SF_PROMPT_TIMELINE")
+
+
+def size_inputs():
+    return [
+        io.Int.Input("width", default=832, min=16, max=4096, step=16, tooltip="Video width in pixels (multiple of 16)."),
+        io.Int.Input("height", default=480, min=16, max=4096, step=16, tooltip="Video height in pixels (multiple of 16)."),
+    ]
+
+
+def sampling_inputs():
+    return [
+        io.Int.Input("frames_per_chunk", default=3, min=1, max=21,
+                     tooltip="Latent frames denoised together (3 = chunk-wise checkpoints, 1 = frame-wise)."),
+        io.String.Input("denoising_steps", default="1000,750,500,250",
+                        tooltip="Few-step schedule of the checkpoint, before warping onto the shifted grid."),
+        io.Float.Input("shift", default=5.0, min=0.1, max=20.0, step=0.1, tooltip="Flow-matching time shift."),
+        io.Int.Input("window", default=0, min=0, max=1024,
+                     tooltip="Rolling KV cache: latent frames attended to, including the sink and the current chunk. "
+                             "0 keeps the whole video (bounded length). 12 with sink 3 streams without limit."),
+        io.Int.Input("sink", default=0, min=0, max=1024,
+                     tooltip="Attention-sink frames at the start that are never evicted from the window."),
+    ]
+
+
+def parse_steps(text: str) -> tuple[float, ...]:
+    try:
+        steps = tuple(float(s) for s in str(text).replace(" ", "").split(",") if s)
+    except ValueError:
+        raise SelfForcingError(f"denoising steps must be numbers separated by commas, like 1000,750,500,250; got {text!r}")
+    return steps
+
+
+def stream_settings(frames_per_chunk, denoising_steps, shift, window, sink, switch="recache") -> StreamSettings:
+    return StreamSettings(frames_per_chunk=frames_per_chunk, steps=parse_steps(denoising_steps), shift=shift,
+                          window=window or None, sink=sink, switch=switch)
+
+
+def check_video_inputs(width=None, height=None, length=None, **settings) -> bool | str:
+    """validate_inputs body shared by nodes: True, or the message that says what to change."""
+    try:
+        if width is not None and height is not None:
+            latent_size_for(height, width)
+        if length is not None:
+            latent_frames_for(length)
+        keys = ("frames_per_chunk", "denoising_steps", "shift", "window", "sink")
+        if all(k in settings and settings[k] is not None for k in keys):
+            stream_settings(**{k: settings[k] for k in keys})
+    except (SelfForcingError, ValueError) as e:
+        return str(e)
+    return True

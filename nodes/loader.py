@@ -1,0 +1,55 @@
+"""Load Self-Forcing Model: any Wan2.1-family DiT file -> a stock MODEL."""
+
+from __future__ import annotations
+
+import torch
+
+import comfy.sd
+import folder_paths
+from comfy_api.latest import io
+
+from ..sf_core.checkpoints import FP8_DTYPES, load_dit_checkpoint
+from .common import CATEGORY
+
+WEIGHT_DTYPES = {"default": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp8_e4m3fn": torch.float8_e4m3fn}
+
+
+class LoadModel(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="SelfForcingLoadModel",
+            display_name="Load Self-Forcing Model",
+            category=CATEGORY,
+            description="Loads the official Self Forcing .pt (generator_ema preferred), plain or prefixed Wan2.1 "
+                        "safetensors, or a diffusers transformer, as a stock MODEL that any sampler can use.",
+            inputs=[
+                io.Combo.Input("model_name", options=folder_paths.get_filename_list("diffusion_models"),
+                               tooltip="File in models/diffusion_models."),
+                io.Combo.Input("weight_dtype", options=list(WEIGHT_DTYPES), default="default",
+                               tooltip="Storage dtype of the weights; default lets ComfyUI choose for your device."),
+            ],
+            outputs=[io.Model.Output()],
+        )
+
+    @classmethod
+    def execute(cls, model_name, weight_dtype) -> io.NodeOutput:
+        ckpt = load_dit_checkpoint(folder_paths.get_full_path_or_raise("diffusion_models", model_name))
+        sd = ckpt.state_dict
+        if any(k.endswith(".scale_weight") for k in sd):  # scaled fp8: dequantise for ComfyUI
+            sd = _dequantize(sd)
+        options = {} if WEIGHT_DTYPES[weight_dtype] is None else {"dtype": WEIGHT_DTYPES[weight_dtype]}
+        model = comfy.sd.load_diffusion_model_state_dict(sd, model_options=options)
+        if model is None:
+            raise ValueError(f"ComfyUI could not build a model from {model_name} ({ckpt.format})")
+        return io.NodeOutput(model)
+
+
+def _dequantize(sd: dict) -> dict:
+    out = {}
+    for k, v in sd.items():
+        if k.endswith(".scale_weight") or k.endswith(".scale_input"):
+            continue
+        scale = sd.get(k[: -len("weight")] + "scale_weight") if k.endswith(".weight") else None
+        out[k] = (v.float() * scale.float()).to(torch.bfloat16) if v.dtype in FP8_DTYPES and scale is not None else v
+    return out

@@ -1,0 +1,117 @@
+"""Self-Forcing Stream Sampler: chunk-by-chunk generation with a rolling KV cache and live previews."""
+
+from __future__ import annotations
+
+import time
+from fractions import Fraction
+
+import torch
+
+import comfy.model_management as mm
+import comfy.utils
+from comfy_api.latest import InputImpl, Types, io
+
+from ..sf_core.latents import latent_frames_for, latent_size_for, normalize
+from ..sf_core.pipeline import Background, decode_stream
+from ..sf_core.stream import PromptSegment, PromptTimeline, Stream
+from ..sf_core.timeline import resolve
+from . import bridge
+from .common import CATEGORY, Timeline, check_video_inputs, sampling_inputs, size_inputs, stream_settings
+
+
+class StreamSampler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="SelfForcingStreamSampler",
+            display_name="Self-Forcing Stream Sampler",
+            category=CATEGORY,
+            description="Generates the video chunk by chunk with a KV cache (Self Forcing): each chunk is denoised in "
+                        "a few steps and, with a VAE, decoded and shown on this node while later chunks are generated.",
+            inputs=[
+                io.Model.Input("model", tooltip="A Wan2.1 T2V-family model (Self Forcing, CausVid, ...), LoRAs allowed."),
+                io.Conditioning.Input("positive", optional=True,
+                                      tooltip="Prompt from CLIP Text Encode (CLIPLoader type wan). Ignored when a timeline is connected."),
+                Timeline.Input("timeline", optional=True, tooltip="Prompts that change over time (Self-Forcing Prompt Timeline)."),
+                io.Vae.Input("vae", optional=True, tooltip="Wan2.1 VAE: decode each chunk as it is ready (live preview, IMAGE/VIDEO)."),
+                io.Image.Input("start_image", optional=True, tooltip="Image-to-video: the first frame (needs the VAE)."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True),
+                *size_inputs(),
+                io.Int.Input("length", default=81, min=1, max=1_000_001, step=4, tooltip="Video frames (1 + 4k)."),
+                *sampling_inputs(),
+                io.Float.Input("fps", default=16.0, min=1.0, max=120.0, tooltip="Frame rate of the VIDEO output and of timeline times."),
+            ],
+            outputs=[
+                io.Latent.Output(display_name="LATENT"),
+                io.Image.Output(display_name="IMAGE", tooltip="Decoded frames (a latent preview when no VAE is connected)."),
+                io.Video.Output(display_name="VIDEO"),
+            ],
+            hidden=[io.Hidden.unique_id],
+        )
+
+    @classmethod
+    def validate_inputs(cls, width=None, height=None, length=None, **kw):
+        return check_video_inputs(width, height, length, **kw)
+
+    @classmethod
+    def execute(cls, model, seed, width, height, length, frames_per_chunk, denoising_steps, shift, window, sink,
+                fps, positive=None, timeline=None, vae=None, start_image=None) -> io.NodeOutput:
+        settings = stream_settings(frames_per_chunk, denoising_steps, shift, window, sink,
+                                   timeline["switch"] if timeline else "recache")
+        h, w = latent_size_for(height, width)
+        total = latent_frames_for(length)
+        backbone = bridge.wan_backbone(model)
+        prompts = _timeline(timeline, positive, backbone.config, fps, frames_per_chunk)
+        prefix = _start_latent(vae, start_image, width, height) if start_image is not None else None
+        bridge.cache_fits(backbone, 1, h, w, settings.window or total)
+        decoder = bridge.stream_decoder(vae).stream_decoder() if vae is not None else None
+        generated = total - (0 if prefix is None else prefix.shape[2])
+        stream = Stream(backbone, prompts, latent_height=h, latent_width=w, num_frames=generated, settings=settings,
+                        generator=torch.Generator().manual_seed(seed), prefix=prefix)
+        n = stream.num_chunks + (prefix is not None)
+        live = bridge.LiveProgress(cls.hidden.unique_id, n, fps)
+        latents, frames = [], []
+        start = time.perf_counter()
+        try:
+            with Background(lambda: decode_stream(stream, decoder)) as steps:
+                for i, step in enumerate(steps, 1):
+                    mm.throw_exception_if_processing_interrupted()
+                    latents.append(step.chunk.latents.float().cpu())
+                    shown = step.frames if step.frames is not None else bridge.latent_preview(
+                        step.chunk.latents, model.model.latent_format)
+                    frames.append(shown)
+                    done = sum(f.shape[0] for f in frames)
+                    live.status(f"chunk {i}/{n} · {done} frames · {done / (time.perf_counter() - start):.1f} FPS")
+                    live.frames(i, shown, behind=steps.pending() > 0)
+        finally:
+            stream.close()
+        z = torch.cat(latents, dim=2)
+        images = torch.cat(frames).float() / 255.0
+        if decoder is None:  # latent preview at 1/8 size: upscale so IMAGE has the video's size
+            images = comfy.utils.common_upscale(images.movedim(-1, 1), width, height, "nearest-exact", "disabled").movedim(1, -1)
+        video = InputImpl.VideoFromComponents(Types.VideoComponents(images=images, frame_rate=Fraction(fps).limit_denominator(1000)))
+        return io.NodeOutput(bridge.to_latent(z), images, video)
+
+
+def _timeline(timeline, positive, config, fps, frames_per_chunk) -> PromptTimeline:
+    from ..sf_core.errors import SelfForcingError
+
+    if timeline is not None:
+        starts = resolve(timeline["entries"], fps, frames_per_chunk)
+        return PromptTimeline([
+            PromptSegment(c, bridge.text_from_conditioning(cond, config.text_dim, config.text_len), e.prompt)
+            for c, e, cond in zip(starts, timeline["entries"], timeline["conditionings"])
+        ])
+    if positive is None:
+        raise SelfForcingError("connect a prompt: 'positive' (CLIP Text Encode) or a Self-Forcing Prompt Timeline")
+    return PromptTimeline.single(bridge.text_from_conditioning(positive, config.text_dim, config.text_len))
+
+
+def _start_latent(vae, image, width, height) -> torch.Tensor:
+    from ..sf_core.errors import SelfForcingError
+
+    if vae is None:
+        raise SelfForcingError("a start image needs the VAE input to encode it")
+    img = comfy.utils.common_upscale(image[:1].movedim(-1, 1), width, height, "bilinear", "center").movedim(1, -1)
+    mu = vae.encode(img[:, :, :, :3])  # [1, 16, 1, h, w], un-normalised
+    return normalize(mu.float())
