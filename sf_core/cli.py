@@ -33,6 +33,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="text -> streaming video, written to MP4 as chunks arrive")
     generate.add_arguments(p)
     p.set_defaults(func=generate.main)
+    from .train import cli as train_cli
+
+    p = sub.add_parser("train", help="Self Forcing DMD LoRA fine-tuning (writes a ComfyUI LoRA)")
+    train_cli.add_arguments(p)
+    p.set_defaults(func=train_cli.main)
     return parser
 
 
