@@ -7,8 +7,9 @@ from .decode import StreamingDecode
 from .loader import LoadModel
 from .sampler import StreamSampler
 from .timeline import PromptTimeline
+from .train import TrainLoRA
 
-NODES = [LoadModel, PromptTimeline, StreamSampler, StreamingDecode, Benchmark]
+NODES = [LoadModel, PromptTimeline, StreamSampler, StreamingDecode, Benchmark, TrainLoRA]
 
 
 class SelfForcingExtension(ComfyExtension):

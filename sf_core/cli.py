@@ -15,6 +15,25 @@ def _inspect(args) -> int:
     return 0
 
 
+def _convert(args) -> int:
+    """Any family layout -> plain Wan-named safetensors that ComfyUI's stock loader reads."""
+    import torch
+    from safetensors.torch import save_file
+
+    from .checkpoints import load_dit_checkpoint
+    from .io import atomic_path, check_writable
+
+    check_writable(args.output)
+    ckpt = load_dit_checkpoint(args.file)
+    dtype = {"keep": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    sd = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() and v.element_size() > 1 else v).contiguous()
+          for k, v in ckpt.state_dict.items()}
+    with atomic_path(args.output) as tmp:
+        save_file(sd, str(tmp), metadata={"source_format": ckpt.format})
+    print(f"{args.file} ({ckpt.format}) -> {args.output}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m sf_core", description="Self Forcing streaming video engine")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -22,6 +41,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="print the detected format, config and dtype of a DiT file as JSON")
     p.add_argument("file")
     p.set_defaults(func=_inspect)
+
+    p = sub.add_parser("convert", help="write any DiT layout as plain Wan safetensors (for ComfyUI's stock loader)")
+    p.add_argument("file")
+    p.add_argument("output")
+    p.add_argument("--dtype", choices=["keep", "bf16", "fp16", "fp32"], default="keep")
+    p.set_defaults(func=_convert)
 
     from . import bench
 

@@ -55,6 +55,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--text-device", default="cpu", help="where the text encoder runs (freed after encoding)")
     p.add_argument("--output", "-o", required=True, help="MP4 path (written to a temporary file, then renamed)")
     p.add_argument("--frames-dir", default=None, help="also write each chunk's frames as PNG as soon as they exist")
+    p.add_argument("--latents-out", default=None,
+                   help="also save the latents (un-normalised, ComfyUI .latent layout: key 'latent_tensor')")
 
 
 def _video_frames(args) -> int:
@@ -71,6 +73,8 @@ def preflight(args) -> dict:
         raise SelfForcingError(f"output {args.output} should end in .mp4")
     if args.frames_dir:
         Path(args.frames_dir).mkdir(parents=True, exist_ok=True)
+    if args.latents_out:
+        check_writable(args.latents_out)
     h, w = latent_size_for(args.height, args.width)
     latent_frames = latent_frames_for(_video_frames(args))
     settings = StreamSettings(frames_per_chunk=args.frames_per_chunk, shift=args.shift, window=args.window,
@@ -101,6 +105,17 @@ def preflight(args) -> dict:
     return {"latent": (h, w), "latent_frames": latent_frames, "settings": settings, "timeline": timeline}
 
 
+def save_latents(path, z: torch.Tensor) -> None:
+    """Normalised latents -> a ComfyUI-style .latent file (un-normalised, key 'latent_tensor'), atomically."""
+    from safetensors.torch import save_file
+
+    from .io import atomic_path
+    from .latents import denormalize
+
+    with atomic_path(path) as tmp:
+        save_file({"latent_tensor": denormalize(z).contiguous(), "latent_format_version_0": torch.tensor([])}, str(tmp))
+
+
 def encode_timeline(args, timeline: list[tuple[int, str]]) -> PromptTimeline:
     from .text import load_text_encoder
 
@@ -129,14 +144,19 @@ def run(args, log=print) -> dict:
         f"{video_frames_for(plan['latent_frames'])} frames in {stream.num_chunks} chunks | attention {backbone.attn_backend}")
 
     timings = Timings()
+    latents = []
     with VideoWriter(args.output, fps=args.fps) as writer:
         for step in decode_stream(stream, decoder, timings):
+            if args.latents_out:
+                latents.append(step.chunk.latents.float().cpu())
             first = timings.frames - len(step.frames)
             writer.write(step.frames.numpy())
             if args.frames_dir:
                 write_frames_png(args.frames_dir, step.frames.numpy(), first)
             log(f"chunk {step.chunk.index + 1}/{stream.num_chunks}  frames {first}-{timings.frames - 1}  "
                 f"dit {step.dit_s:.3f}s  decode {step.decode_s:.3f}s  prompt {step.chunk.prompt}")
+    if args.latents_out:
+        save_latents(args.latents_out, torch.cat(latents, dim=2))
     summary = {"output": str(args.output), **timings.summary()}
     log(json.dumps(summary))
     return summary

@@ -145,3 +145,17 @@ def test_inspect_cli(tmp_path):
     save_file({"foo": torch.zeros(2)}, str(bad))
     res = subprocess.run([sys.executable, "-m", "sf_core", "inspect", str(bad)], capture_output=True, text=True, env=env)
     assert res.returncode == 2 and "not a Wan2.1 DiT" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_convert_cli_writes_plain_wan_safetensors(tmp_path):
+    from safetensors.torch import load_file
+
+    sd = tiny_dit_state_dict(seed=6)
+    src = write_dit(tmp_path / "sf.pt", sd, "official_pt")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    out = tmp_path / "self_forcing_dmd.safetensors"
+    subprocess.run([sys.executable, "-m", "sf_core", "convert", str(src), str(out), "--dtype", "bf16"],
+                   check=True, env=env, capture_output=True)
+    plain = load_file(str(out))
+    assert set(plain) == set(sd) and all(plain[k].dtype == torch.bfloat16 for k in sd)
+    assert all(torch.equal(plain[k], sd[k].to(torch.bfloat16)) for k in sd)

@@ -1,0 +1,142 @@
+"""Self-Forcing Train LoRA: DMD self-rollout fine-tuning from a workflow, saved where LoraLoader finds it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+import comfy.model_management as mm
+import comfy.sd
+import comfy.utils
+import folder_paths
+from comfy_api.latest import io
+
+from ..sf_core.errors import SelfForcingError
+from ..sf_core.latents import latent_frames_for, latent_size_for
+from ..sf_core.train.cli import WAN_NEGATIVE_PROMPT
+from ..sf_core.train.plot import loss_curve
+from ..sf_core.train.trainer import TrainSettings, Trainer
+from . import bridge
+from .common import CATEGORY, size_inputs
+
+
+class TrainLoRA(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="SelfForcingTrainLoRA",
+            display_name="Self-Forcing Train LoRA",
+            category=CATEGORY,
+            description="Self Forcing DMD fine-tuning: the generator rolls out whole videos with its KV cache and a "
+                        "frozen teacher (real score) plus a critic (fake score, teacher + its own LoRA) supervise them. "
+                        "Trains a LoRA, saves it to models/loras, and returns the model with it applied.",
+            inputs=[
+                io.Model.Input("model", tooltip="Generator: the Self Forcing model to adapt."),
+                io.Model.Input("teacher", tooltip="Real score: a bidirectional Wan2.1 T2V model (e.g. wan2.1_t2v_1.3B), frozen."),
+                io.Clip.Input("clip", tooltip="CLIPLoader type 'wan'; prompts are encoded once."),
+                io.String.Input("prompts", multiline=True, default="", tooltip="One training prompt per line."),
+                io.String.Input("negative_prompt", multiline=True, default=WAN_NEGATIVE_PROMPT,
+                                tooltip="The teacher's unconditional prompt (Wan's negative prompt)."),
+                io.String.Input("lora_name", default="self_forcing_lora", tooltip="File name in models/loras (.safetensors)."),
+                io.Int.Input("iterations", default=200, min=1, max=100000),
+                io.Int.Input("rank", default=32, min=1, max=1024),
+                io.Float.Input("learning_rate", default=1e-4, min=1e-7, max=1.0, step=1e-6),
+                io.Float.Input("critic_learning_rate", default=2e-5, min=1e-7, max=1.0, step=1e-6),
+                io.Int.Input("critic_ratio", default=5, min=1, max=100, tooltip="Critic steps per generator step."),
+                io.Float.Input("guidance", default=3.0, min=0.0, max=20.0, tooltip="Teacher CFG: cond + g (cond - uncond)."),
+                *size_inputs(),
+                io.Int.Input("length", default=81, min=1, max=1001, step=4, tooltip="Video frames per rollout (1 + 4k)."),
+                io.Int.Input("frames_per_chunk", default=3, min=1, max=21),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF),
+                io.Boolean.Input("gradient_checkpointing", default=True),
+                io.Boolean.Input("resume", default=True, tooltip="Continue from this LoRA's saved training checkpoint if one exists."),
+                io.Int.Input("save_every", default=50, min=1, max=100000),
+            ],
+            outputs=[io.Model.Output(display_name="MODEL"), io.Image.Output(display_name="loss")],
+            hidden=[io.Hidden.unique_id],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def validate_inputs(cls, prompts=None, lora_name=None, width=None, height=None, length=None, **kw):
+        try:
+            if prompts is not None and not prompts.strip():
+                return "no prompts to train on: write one prompt per line"
+            if lora_name is not None and (not lora_name.strip() or "/" in lora_name or "\\" in lora_name):
+                return "lora_name must be a plain file name (no folders)"
+            if width is not None and height is not None:
+                latent_size_for(height, width)
+            if length is not None:
+                latent_frames_for(length)
+        except ValueError as e:
+            return str(e)
+        return True
+
+    @classmethod
+    def execute(cls, model, teacher, clip, prompts, negative_prompt, lora_name, iterations, rank, learning_rate,
+                critic_learning_rate, critic_ratio, guidance, width, height, length, frames_per_chunk, seed,
+                gradient_checkpointing, resume, save_every) -> io.NodeOutput:
+        lines = [ln.strip() for ln in prompts.splitlines() if ln.strip()]
+        if not lines:
+            raise SelfForcingError("no prompts to train on: write one prompt per line")
+        if model.get_model_object("diffusion_model") is teacher.get_model_object("diffusion_model"):
+            raise SelfForcingError("the teacher must be a separate model (load the Wan2.1 base model for it)")
+        h, w = latent_size_for(height, width)
+        settings = TrainSettings(
+            iterations=iterations, rank=rank, lr=learning_rate, critic_lr=critic_learning_rate, critic_ratio=critic_ratio,
+            guidance=guidance, latent_frames=latent_frames_for(length), latent_height=h, latent_width=w,
+            frames_per_chunk=frames_per_chunk, seed=seed, checkpointing=gradient_checkpointing, save_every=save_every)
+        name = lora_name.strip().removesuffix(".safetensors")
+        lora_path = Path(folder_paths.get_folder_paths("loras")[0]) / f"{name}.safetensors"
+        ckpt_dir = Path(folder_paths.get_output_directory()) / "self_forcing_training"
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        checkpoint = ckpt_dir / f"{name}.ckpt.pt"
+
+        with torch.inference_mode(False), torch.enable_grad():
+            gen = bridge.wan_backbone(model)
+            tea = bridge.wan_backbone(teacher)
+            cfg = gen.config
+            texts = torch.cat([bridge.text_from_conditioning(_encode(clip, p), cfg.text_dim, cfg.text_len) for p in lines])
+            negative = bridge.text_from_conditioning(_encode(clip, negative_prompt), cfg.text_dim, cfg.text_len)
+            for b in (gen, tea):
+                _make_trainable(b.dit)
+            trainer = Trainer(gen.dit, tea.dit, texts, negative, settings, dtype=gen.dtype)
+            try:
+                if resume and checkpoint.is_file():
+                    trainer.resume(checkpoint)
+                live = bridge.LiveProgress(cls.hidden.unique_id, iterations)
+                history: list[dict] = []
+
+                def on_step(info):
+                    history.append(info)
+                    live.bar.update_absolute(info["iteration"], iterations)
+                    gl = next((h["generator_loss"] for h in reversed(history) if "generator_loss" in h), None)
+                    live.status(f"iteration {info['iteration']}/{iterations} · critic {info['critic_loss']:.4f}"
+                                + (f" · generator {gl:.3g}" if gl is not None else "") + f" · {info['seconds']:.1f} s/it")
+
+                trainer.train(checkpoint, on_step=on_step, should_stop=mm.processing_interrupted)
+                mm.throw_exception_if_processing_interrupted()  # cancelled: the checkpoint is saved, resume later
+                lora = trainer.final_lora()
+                lora.save(lora_path, metadata={"base": "self-forcing", "iterations": str(trainer.iteration)})
+                weights = {k: v.detach().clone() for k, v in lora.to_comfy().items()}
+            finally:
+                trainer.close()
+        patched, _ = comfy.sd.load_lora_for_models(model, None, weights, 1.0, 0)
+        curve = torch.from_numpy(loss_curve(history)).float()[None] / 255.0
+        live.status(f"saved {lora_path.name} after {trainer.iteration} iterations")
+        return io.NodeOutput(patched, curve)
+
+
+def _encode(clip, text: str):
+    return clip.encode_from_tokens_scheduled(clip.tokenize(text))
+
+
+def _make_trainable(dit: torch.nn.Module) -> None:
+    """Weights loaded under ComfyUI's inference mode cannot be saved for backward: give them normal storage
+    (same values; the module tree is otherwise untouched)."""
+    with torch.no_grad():
+        for module in dit.modules():
+            for name, p in list(module.named_parameters(recurse=False)):
+                if p.is_inference():
+                    module._parameters[name] = torch.nn.Parameter(p.clone(), requires_grad=p.requires_grad)
