@@ -167,17 +167,26 @@ class CacheRead:
     cache: KVCache
     runs: list[tuple[int, int, int]]
     valid: int
+    _mask: torch.Tensor | None = None
+
+    def key_mask(self, new_tokens: int, device) -> torch.Tensor:
+        """Valid slots minus this chunk's own (stale) slots, then the chunk's fresh tokens; built once."""
+        if self._mask is None:
+            c = self.cache
+            n = c._tok(self.valid)
+            mask = torch.ones(n + new_tokens, dtype=torch.bool, device=device)
+            for s, _, cnt in self.runs:
+                if s < self.valid:
+                    mask[c._tok(s) : c._tok(min(s + cnt, self.valid))] = False
+            self._mask = mask
+        return self._mask
 
     def attend(self, layer, q, k, v, attn):
         c = self.cache
         n = c._tok(self.valid)
-        mask = torch.ones(n + k.shape[1], dtype=torch.bool, device=k.device)
-        for s, _, cnt in self.runs:  # stale K/V of this chunk's own slots are replaced by the fresh ones
-            if s < self.valid:
-                mask[c._tok(s) : c._tok(min(s + cnt, self.valid))] = False
         kk = torch.cat([c.k[layer, :, :n], k.to(c.k.dtype)], dim=1)
         vv = torch.cat([c.v[layer, :, :n], v.to(c.v.dtype)], dim=1)
-        return attn(q, kk, vv, mask)
+        return attn(q, kk, vv, self.key_mask(k.shape[1], k.device))
 
 
 @dataclass
@@ -185,21 +194,31 @@ class Recache:
     cache: KVCache
     slots: list[int]  # slot of each input frame, in time order
     block_ends: list[int]  # chunk end of each input frame
+    _groups: list | None = None
+
+    def groups(self, device) -> list[tuple[int, int, torch.Tensor]]:
+        """(first frame, end frame, key mask) per chunk of the input: a chunk sees its own and earlier chunks."""
+        if self._groups is None:
+            tpf, n = self.cache.tokens_per_frame, len(self.slots)
+            self._groups = []
+            i = 0
+            while i < n:
+                j = i
+                while j < n and self.block_ends[j] == self.block_ends[i]:
+                    j += 1
+                mask = torch.zeros(n * tpf, dtype=torch.bool, device=device)
+                for s, end in zip(self.slots, self.block_ends):
+                    if end <= self.block_ends[i]:
+                        mask[s * tpf : (s + 1) * tpf] = True
+                self._groups.append((i, j, mask))
+                i = j
+        return self._groups
 
     def attend(self, layer, q, k, v, attn):
         c = self.cache
         tpf = c.tokens_per_frame
         c._write_kv(layer, [(s, i, 1) for i, s in enumerate(self.slots)], k, v)
         n = c._tok(len(self.slots))
-        outs, i = [], 0
-        while i < len(self.slots):
-            j = i
-            while j < len(self.slots) and self.block_ends[j] == self.block_ends[i]:
-                j += 1
-            mask = torch.zeros(n, dtype=torch.bool, device=k.device)
-            for s, end in zip(self.slots, self.block_ends):
-                if end <= self.block_ends[i]:
-                    mask[s * tpf : (s + 1) * tpf] = True
-            outs.append(attn(q[:, i * tpf : j * tpf], c.k[layer, :, :n], c.v[layer, :, :n], mask))
-            i = j
+        outs = [attn(q[:, i * tpf : j * tpf], c.k[layer, :, :n], c.v[layer, :, :n], mask)
+                for i, j, mask in self.groups(k.device)]
         return torch.cat(outs, dim=1)
