@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from fractions import Fraction
 
@@ -17,6 +18,8 @@ from ..sf_core.stream import PromptSegment, PromptTimeline, Stream
 from ..sf_core.timeline import resolve
 from . import bridge
 from .common import CATEGORY, Timeline, check_video_inputs, sampling_inputs, size_inputs, stream_settings
+
+log = logging.getLogger(__name__)
 
 
 class StreamSampler(io.ComfyNode):
@@ -81,6 +84,7 @@ class StreamSampler(io.ComfyNode):
                         step.chunk.latents, model.model.latent_format)
                     frames.append(shown)
                     done = sum(f.shape[0] for f in frames)
+                    log.debug("self-forcing chunk %d/%d clean at monotonic %.6f", i, n, step.clean_at)
                     live.status(f"chunk {i}/{n} · {done} frames · {done / (time.perf_counter() - start):.1f} FPS")
                     live.frames(i, shown, behind=steps.pending() > 0)
         finally:

@@ -26,6 +26,7 @@ class StepResult:
     dit_s: float
     decode_s: float
     elapsed_s: float  # since the stream started
+    clean_at: float  # time.monotonic() when the chunk became clean (before decoding)
 
 
 @dataclass
@@ -74,6 +75,7 @@ def decode_stream(stream: Stream, decoder=None, timings: Timings | None = None) 
     for chunk in stream:
         sync()
         t1 = time.perf_counter()
+        clean_at = time.monotonic()
         frames = None
         if decoder is not None:
             with torch.no_grad():
@@ -91,7 +93,7 @@ def decode_stream(stream: Stream, decoder=None, timings: Timings | None = None) 
             if t.first_frame_s is None:
                 t.first_frame_s = t2 - start
         t.total_s = t2 - start
-        yield StepResult(chunk, frames, dit_s, dec_s, t2 - start)
+        yield StepResult(chunk, frames, dit_s, dec_s, t2 - start, clean_at)
         last = time.perf_counter()
 
 

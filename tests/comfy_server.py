@@ -14,9 +14,11 @@ python) and skip when it is unset::
 Isolation: nothing in COMFYUI_DIR is modified. The server gets temp output/input/user/temp dirs, an
 in-memory DB, and an ``--extra-model-paths-config`` YAML whose entries are *defaults* (searched first,
 written to first) for ``custom_nodes`` (a folder holding a symlink to this repo, whose ``__init__.py`` is
-the pack's entry point) and for the model folders diffusion_models / text_encoders / vae / loras.
+the pack's entry point) and for the model folders diffusion_models / text_encoders / vae / loras / vae_approx.
 By default only our pack is loaded from custom_nodes (``--disable-all-custom-nodes`` plus a whitelist),
-so other packs installed in COMFYUI_DIR/custom_nodes cannot interfere.
+so other packs installed in COMFYUI_DIR/custom_nodes cannot interfere. ``extra_custom_nodes`` adds more
+package folders (symlinked under their own names and whitelisted), e.g. the test shim in
+tests/comfy_shim/sf_test_shim (see comfy_fixtures.py); ``env`` sets environment variables of the server.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ from typing import Any, Callable, Iterable
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PACK_NAME = "comfyui-self-forcing"
-MODEL_KINDS = ("diffusion_models", "text_encoders", "vae", "loras")
+MODEL_KINDS = ("diffusion_models", "text_encoders", "vae", "loras", "vae_approx")
 
 # Binary websocket event ids (ComfyUI protocol.py BinaryEventTypes).
 EVENT_PREVIEW_IMAGE = 1
@@ -265,8 +267,9 @@ class ComfyServer:
     """A ComfyUI subprocess on a free loopback port, isolated under ``work_dir``.
 
     work_dir/ gets: extra_model_paths.yaml, custom_nodes/<PACK_NAME> -> pack_dir (only when pack_dir has an
-    ``__init__.py``), models/{diffusion_models,text_encoders,vae,loras}, output/, input/, user/, temp/,
-    comfyui.log (stdout+stderr).
+    ``__init__.py``), custom_nodes/<folder name> -> each of extra_custom_nodes,
+    models/{diffusion_models,text_encoders,vae,loras,vae_approx} (``models_dir``), output/, input/, user/,
+    temp/, comfyui.log (stdout+stderr).
     """
 
     work_dir: Path
@@ -278,6 +281,7 @@ class ComfyServer:
     only_our_pack: bool = True             # ignore other packs in COMFYUI_DIR/custom_nodes
     env: dict[str, str] = field(default_factory=dict)
     cpu: bool | None = None                # default: --cpu unless COMFY_TEST_DEVICE is "gpu"/"cuda"
+    extra_custom_nodes: list[Path] = field(default_factory=list)  # more node package folders to load
 
     def __post_init__(self) -> None:
         self.work_dir = Path(self.work_dir).resolve()
@@ -291,7 +295,9 @@ class ComfyServer:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = self.work_dir / "comfyui.log"
         self.custom_nodes_dir = self.work_dir / "custom_nodes"
-        self.model_dirs = {kind: self.work_dir / "models" / kind for kind in MODEL_KINDS}
+        self.models_dir = self.work_dir / "models"
+        self.model_dirs = {kind: self.models_dir / kind for kind in MODEL_KINDS}
+        self.extra_custom_nodes = [Path(p).resolve() for p in self.extra_custom_nodes]
         self.output_dir = self.work_dir / "output"
         self.input_dir = self.work_dir / "input"
         self.user_dir = self.work_dir / "user"
@@ -312,6 +318,10 @@ class ComfyServer:
             d.mkdir(parents=True, exist_ok=True)
         if self.pack_installed and not self.pack_link.exists():
             self.pack_link.symlink_to(self.pack_dir, target_is_directory=True)
+        for folder in self.extra_custom_nodes:
+            link = self.custom_nodes_dir / folder.name
+            if not link.exists():
+                link.symlink_to(folder, target_is_directory=True)
         # utils/extra_config.py: each key under a section is a folder kind, paths relative to base_path;
         # is_default puts them first in folder_paths (so saves, e.g. LoRAs, land here, not in COMFYUI_DIR).
         lines = ["self_forcing_tests:", f"  base_path: {json.dumps(str(self.work_dir))}", "  is_default: true",
@@ -341,7 +351,8 @@ class ComfyServer:
         if self.cpu:
             cmd.append("--cpu")
         if self.only_our_pack:
-            cmd += ["--disable-all-custom-nodes", "--whitelist-custom-nodes", self.pack_name]
+            cmd += ["--disable-all-custom-nodes", "--whitelist-custom-nodes", self.pack_name,
+                    *[p.name for p in self.extra_custom_nodes]]
         return cmd + list(self.extra_args)
 
     # -- lifecycle
