@@ -26,9 +26,9 @@ class Benchmark(io.ComfyNode):
             description="Runs the given model (and VAE) for N chunks with a fixed random prompt embedding and reports "
                         "first-frame latency, frames per second with and without decoding, and peak VRAM.",
             inputs=[
-                io.Model.Input("model"),
-                io.Vae.Input("vae", optional=True),
-                io.Int.Input("chunks", default=7, min=1, max=10000),
+                io.Model.Input("model", tooltip="The Wan2.1-family model to time (random prompt embedding)."),
+                io.Vae.Input("vae", optional=True, tooltip="Also time streaming decoding with this VAE."),
+                io.Int.Input("chunks", default=7, min=1, max=10000, tooltip="Chunks to time (7 chunks of 3 = 81 frames)."),
                 *size_inputs(),
                 *sampling_inputs(),
                 io.Int.Input("warmup_chunks", default=1, min=0, max=100, tooltip="Chunks run first and not timed."),

@@ -26,7 +26,7 @@ class StreamingDecode(io.ComfyNode):
             description="Decodes a video latent a few latent frames at a time with a causal cache that carries over: "
                         "the same frames as a whole decode, constant memory, frames shown as they appear.",
             inputs=[
-                io.Latent.Input("samples"),
+                io.Latent.Input("samples", tooltip="A Wan2.1 video latent (e.g. from the Self-Forcing Stream Sampler)."),
                 io.Vae.Input("vae", optional=True, tooltip="Wan2.1 VAE (full quality)."),
                 io.Combo.Input("tiny_decoder", options=[NONE] + folder_paths.get_filename_list("vae_approx"),
                                default=NONE, tooltip="TAEHV (taew2_1.pth in models/vae_approx): much faster, lower quality. "

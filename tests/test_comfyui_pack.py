@@ -1,0 +1,253 @@
+"""The pack in a real headless ComfyUI (COMFYUI_DIR), on tiny weight files in the real formats placed under
+the real release names: it loads, every shipped workflow runs end to end, previews stream during sampling,
+node and CLI agree, stock LoRA loading equals merging, streaming decode equals the stock decode."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from comfy_fixtures import prompts_equivalent, tiny_comfy_server, ui_to_api
+from comfy_server import BrowserPage, chromium_skip_reason, comfyui_skip_reason
+
+_skip = comfyui_skip_reason()
+pytestmark = pytest.mark.skipif(_skip is not None, reason=_skip or "")
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKFLOWS = sorted((ROOT / "workflows").glob("*.json"))
+NODES = ["SelfForcingLoadModel", "SelfForcingPromptTimeline", "SelfForcingStreamSampler",
+         "SelfForcingStreamingDecode", "SelfForcingBenchmark", "SelfForcingTrainLoRA"]
+PROMPT = "a red fox runs over the snow"
+SMALL = {"width": 64, "height": 48}
+
+
+@pytest.fixture(scope="module")
+def comfy(tmp_path_factory):
+    import workflow_sources as src
+
+    server, files = tiny_comfy_server(tmp_path_factory.mktemp("comfy_pack"))
+    p = files["paths"]
+    # the tiny files under the real release names, so the shipped workflows run unchanged
+    server.add_model("diffusion_models", p["dit"], src.DIT)
+    server.add_model("diffusion_models", p["dit_official"], src.DIT_PT)
+    server.add_model("diffusion_models", p["dit"], src.TEACHER)
+    server.add_model("text_encoders", p["text_encoder"], src.TE)
+    server.add_model("vae", p["vae"], src.VAE)
+    _write_lora_and_merged(server, p["dit"])
+    from PIL import Image
+
+    server.input_dir.mkdir(parents=True, exist_ok=True)
+    Image.radial_gradient("L").convert("RGB").resize((96, 64)).save(server.input_dir / "start_frame.png")
+    with server:
+        server.assert_pack_loaded()
+        yield server, files
+
+
+def _write_lora_and_merged(server, dit_path):
+    """A LoRA in our ComfyUI-layout file, and the same LoRA merged into the weights, as two model files."""
+    from safetensors.torch import save_file
+
+    from sf_core.checkpoints import load_dit
+    from sf_core.lora import LoRA
+
+    model, _ = load_dit(dit_path)
+    lora = LoRA.create(model, rank=4, alpha=4, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for p in lora.parameters():
+            if p.abs().sum() == 0:  # B: make the LoRA do something
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(1))
+    lora.save(server.model_dirs["loras"] / "sf_test_lora.safetensors")
+    lora.merge(model)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()},
+              str(server.model_dirs["diffusion_models"] / "tiny_merged.safetensors"))
+
+
+def _run(server, graph, timeout=600):
+    return server.wait(server.queue(graph), timeout=timeout)
+
+
+def _latents(server, entry) -> torch.Tensor:
+    from safetensors.torch import load_file
+
+    files = [f for f in server.output_files(entry) if f.suffix == ".latent"]
+    assert len(files) == 1, files
+    return load_file(str(files[0]))["latent_tensor"]
+
+
+def _frames(path) -> int:
+    import av
+
+    with av.open(str(path)) as c:
+        return sum(1 for _ in c.decode(video=0))
+
+
+def _t2v(files, model=None, vae=True, seed=3, length=25, **sampler):
+    g = {
+        "1": {"class_type": "UNETLoader", "inputs": {"unet_name": files["dit"], "weight_dtype": "default"}},
+        "2": {"class_type": "CLIPLoader", "inputs": {"clip_name": files["text_encoder"], "type": "wan", "device": "default"}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["2", 0], "text": PROMPT}},
+        "4": {"class_type": "VAELoader", "inputs": {"vae_name": files["vae"]}},
+        "5": {"class_type": "SelfForcingStreamSampler", "inputs": {
+            "model": model or ["1", 0], "positive": ["3", 0], "seed": seed, "length": length, "frames_per_chunk": 3,
+            "denoising_steps": "1000,750,500,250", "shift": 5.0, "window": 0, "sink": 0, "fps": 16.0, **SMALL, **sampler}},
+        "6": {"class_type": "SaveLatent", "inputs": {"samples": ["5", 0], "filename_prefix": f"latents/s{seed}"}},
+    }
+    if vae:
+        g["5"]["inputs"]["vae"] = ["4", 0]
+    return g
+
+
+def test_pack_loads_and_lists_every_node_and_template(comfy):
+    server, _ = comfy
+    info = server.object_info()
+    assert all(n in info for n in NODES), [n for n in NODES if n not in info]
+    assert server.pack_errors() == []
+    assert info["SelfForcingStreamSampler"]["category"] == "Self Forcing"
+    untipped = [f"{n}.{k}" for n in NODES for kind, group in info[n]["input"].items() if kind != "hidden"
+                for k, v in group.items() if not (len(v) > 1 and isinstance(v[1], dict) and v[1].get("tooltip"))]
+    assert untipped == []  # every input says what it is for
+    templates = server.get_json("/workflow_templates")
+    assert sorted(templates[server.pack_name]) == sorted(p.stem for p in WORKFLOWS)
+
+
+def _speed_up(prompt: dict) -> dict:
+    """Shrink sizes and counts so a CPU runs the shipped graphs in seconds (structure unchanged)."""
+    for node in prompt.values():
+        ins = node["inputs"]
+        if node["class_type"] == "SelfForcingStreamSampler":
+            ins.update(SMALL, length=97 if ins.get("window") else 25)
+        if node["class_type"] == "SelfForcingPromptTimeline":
+            ins["timeline"] = "0s: a fox in the snow\n2s: the fox looks at the camera\n4s: the fox jumps"
+        if node["class_type"] == "SelfForcingTrainLoRA":
+            ins.update(iterations=2, rank=4, width=32, height=32, length=9, critic_ratio=1,
+                       gradient_checkpointing=False, save_every=1, resume=False)
+    return prompt
+
+
+@pytest.mark.skipif(chromium_skip_reason() is not None, reason=chromium_skip_reason() or "")
+@pytest.mark.parametrize("workflow", WORKFLOWS, ids=lambda p: p.stem)
+def test_every_workflow_runs_end_to_end(comfy, workflow):
+    import workflow_sources as src
+
+    server, _ = comfy
+    with BrowserPage(server) as page:
+        prompt = ui_to_api(page, json.loads(workflow.read_text()))
+    assert prompts_equivalent(prompt, src.WORKFLOWS[workflow.stem], server.object_info()) == []  # file in sync
+    entry = _run(server, _speed_up(prompt))
+    videos = [f for f in server.output_files(entry) if f.suffix == ".mp4"]
+    sampler = next(n for n in prompt.values() if n["class_type"] == "SelfForcingStreamSampler")
+    assert len(videos) == 1 and _frames(videos[0]) == sampler["inputs"]["length"]
+    if "train" in workflow.stem:
+        assert (server.model_dirs["loras"] / "self_forcing_style.safetensors").is_file()
+        assert "lora key not loaded" not in server.log_text()
+
+
+def test_previews_stream_during_sampling(comfy):
+    server, files = comfy
+    with server.websocket(preview_metadata=True) as ws:
+        pid = server.queue(_t2v(files, length=49, seed=5), client_id=ws.client_id)  # 13 latent frames: 5 chunks
+        server.wait(pid)
+        ws.wait_done(pid)
+    msgs = ws.messages
+    previews = ws.previews("5")
+    finished = next(m for m in ws.json_messages("executing") if m.data.get("node") == "6")  # sampler done
+    # ComfyUI sends each preview right before the progress update it belongs to: pair them in arrival order
+    chunk_of_preview = []
+    for i, m in enumerate(msgs):
+        if m in previews:
+            nxt = next(x for x in msgs[i:] if x.kind == "json" and x.type == "progress" and x.data.get("node") == "5")
+            chunk_of_preview.append(nxt.data["value"])
+    assert sorted(set(chunk_of_preview)) == [1, 2, 3, 4, 5]  # every chunk showed frames
+    assert chunk_of_preview == sorted(chunk_of_preview)  # in order
+    assert previews[0].t < finished.t  # frames reached the client while the sampler was still running
+    assert any(m.text.startswith("chunk 5/5") for m in ws.progress_texts("5"))
+
+
+def test_node_and_cli_give_the_same_latents(comfy, tmp_path):
+    server, files = comfy
+    node = _latents(server, _run(server, _t2v(files, vae=False, seed=11)))
+    p = files["paths"]
+    out = tmp_path / "cli.latent"
+    cmd = [sys.executable, "-m", "sf_core", "generate", "--model", p["dit"], "--text-encoder", p["text_encoder"],
+           "--vae", p["vae"], "--prompt", PROMPT, "--seed", "11", "--frames", "25", "--width", "64", "--height", "48",
+           "--output", str(tmp_path / "cli.mp4"), "--latents-out", str(out)]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=600)
+    assert res.returncode == 0, res.stderr
+    from safetensors.torch import load_file
+
+    cli = load_file(str(out))["latent_tensor"]
+    assert cli.shape == node.shape == (1, 16, 7, 6, 8)
+    assert (cli - node).abs().max() < 2e-2 * cli.abs().max()  # two text-encoder implementations, fp16 weights
+    other = _latents(server, _run(server, _t2v(files, vae=False, seed=12)))
+    assert (other - node).abs().max() > 10 * (cli - node).abs().max()  # the agreement is not a coincidence
+
+
+def test_stock_lora_loader_equals_merged_weights(comfy):
+    server, files = comfy
+    lora_graph = _t2v(files, model=["7", 0], vae=False, seed=21)
+    lora_graph["7"] = {"class_type": "LoraLoaderModelOnly",
+                       "inputs": {"model": ["1", 0], "lora_name": "sf_test_lora.safetensors", "strength_model": 1.0}}
+    with_lora = _latents(server, _run(server, lora_graph))
+    merged_graph = _t2v(files, vae=False, seed=21)
+    merged_graph["1"]["inputs"]["unet_name"] = "tiny_merged.safetensors"
+    merged = _latents(server, _run(server, merged_graph))
+    base = _latents(server, _run(server, _t2v(files, vae=False, seed=21)))
+    assert "lora key not loaded" not in server.log_text()
+    assert (with_lora - merged).abs().max() < 1e-4
+    assert (with_lora - base).abs().max() > 1e-2  # the LoRA changes the video
+
+
+def test_streaming_decode_equals_stock_decode(comfy):
+    server, files = comfy
+    g = _t2v(files, vae=False, seed=31)
+    g["8"] = {"class_type": "SelfForcingStreamingDecode",
+              "inputs": {"samples": ["5", 0], "vae": ["4", 0], "tiny_decoder": "none", "latent_frames_per_step": 2}}
+    g["9"] = {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["4", 0]}}
+    g["10"] = {"class_type": "SaveImage", "inputs": {"images": ["8", 0], "filename_prefix": "ours"}}
+    g["11"] = {"class_type": "SaveImage", "inputs": {"images": ["9", 0], "filename_prefix": "stock"}}
+    entry = _run(server, g)
+    import numpy as np
+    from PIL import Image
+
+    ours = sorted(f for f in server.output_files(entry) if f.name.startswith("ours"))
+    stock = sorted(f for f in server.output_files(entry) if f.name.startswith("stock"))
+    assert len(ours) == len(stock) == 25
+    diff = max(np.abs(np.asarray(Image.open(a), dtype=int) - np.asarray(Image.open(b), dtype=int)).max()
+               for a, b in zip(ours, stock))
+    assert diff <= 1  # identical up to 8-bit rounding
+
+
+def test_cancel_stops_within_a_chunk(comfy):
+    server, files = comfy
+    with server.websocket() as ws:
+        pid = server.queue(_t2v(files, length=397, seed=41, window=6, sink=1), client_id=ws.client_id)
+        ws.wait_for(lambda m: m.kind == "text" and (m.text or "").startswith("chunk 2/"), timeout=300)
+        server.interrupt()
+        t0 = time.monotonic()
+        with pytest.raises(Exception, match="interrupt"):
+            server.wait(pid, timeout=120)
+    after = [m for m in ws.progress_texts("5") if m.t > t0 + 0.5]
+    assert len(after) <= 1 and time.monotonic() - t0 < 60
+    # the server is usable right after: a short stream runs
+    _run(server, _t2v(files, seed=42))
+
+
+def test_benchmark_node_reports(comfy):
+    server, files = comfy
+    g = {
+        "1": {"class_type": "UNETLoader", "inputs": {"unet_name": files["dit"], "weight_dtype": "default"}},
+        "4": {"class_type": "VAELoader", "inputs": {"vae_name": files["vae"]}},
+        "5": {"class_type": "SelfForcingBenchmark", "inputs": {
+            "model": ["1", 0], "vae": ["4", 0], "chunks": 3, "frames_per_chunk": 3, "denoising_steps": "1000,750,500,250",
+            "shift": 5.0, "window": 0, "sink": 0, "warmup_chunks": 1, **SMALL}},
+    }
+    entry = _run(server, g)
+    report = json.loads(entry["outputs"]["5"]["text"][0])
+    assert report["video_frames"] == 1 + 4 * 8 and report["first_frame_latency_s"] > 0
+    assert report["fps_with_decoding"] < report["fps_without_decoding"]
+    assert len(report["seconds_per_chunk"]) == 3
