@@ -56,6 +56,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--warmup", type=int, default=1, help="chunks run (and discarded) before timing")
     p.add_argument("--report", default="", help="comma-separated chunk numbers (1-based) to list in 'at_chunk'")
+    p.add_argument("--train", action="store_true",
+                   help="time Self Forcing training steps instead (generator and critic), with --chunks latent-frame "
+                        "chunks per rollout, --rank, --steps-to-time")
+    p.add_argument("--rank", type=int, default=32)
+    p.add_argument("--steps-to-time", type=int, default=3)
+    p.add_argument("--no-checkpointing", action="store_true")
 
 
 def run(args) -> dict:
@@ -122,13 +128,56 @@ def run(args) -> dict:
         "rss_mb": [round(r, 1) for r in rss],
     }
     if report:
-        out["at_chunk"] = {str(i): {"seconds": round(times[i - 1], 5), "rss_mb": round(rss[i - 1], 1)}
+        out["at_chunk"] = {str(i): {"seconds": round(times[i - 1], 5), "rss_mb": round(rss[i - 1], 1),
+                                    "median_seconds_of_11_around": round(_median(times[max(0, i - 6): i + 5]), 5)}
                            for i in report if 0 < i <= len(times)}
     if device.type == "cuda":
         out["peak_vram_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
     return out
 
 
+def _median(xs):
+    xs = sorted(xs)
+    return xs[len(xs) // 2]
+
+
+def run_train(args) -> dict:
+    """Seconds per generator step and per critic step of the DMD trainer on random-weight models."""
+    from .train.trainer import TrainSettings, Trainer
+
+    device = torch.device(args.device)
+    dtype = DTYPES[args.dtype] if args.dtype else (torch.float32 if device.type == "cpu" else torch.bfloat16)
+    cfg = WanConfig.preset(args.config)
+    h, w = latent_size_for(args.height, args.width)
+    settings = TrainSettings(rank=args.rank, latent_frames=args.chunks * args.frames_per_chunk, latent_height=h,
+                             latent_width=w, frames_per_chunk=args.frames_per_chunk,
+                             checkpointing=not args.no_checkpointing, ema=None)
+    generator, teacher = random_model(cfg, device, dtype), random_model(cfg, device, dtype)
+    text = torch.randn(2, cfg.text_len, cfg.text_dim) * 0.1
+    trainer = Trainer(generator, teacher, text, text[:1], settings, dtype=dtype)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    out = {"config": args.config, "device": str(device), "dtype": str(dtype).replace("torch.", ""),
+           "size": f"{args.width}x{args.height}", "latent_frames": settings.latent_frames, "rank": args.rank,
+           "checkpointing": settings.checkpointing}
+    for name, loss, lora, opt in (("generator", trainer.generator_loss, trainer.gen_lora, trainer.gen_opt),
+                                  ("critic", trainer.critic_loss, trainer.critic_lora, trainer.critic_opt)):
+        times = []
+        for _ in range(args.warmup + args.steps_to_time):
+            sync()
+            t0 = time.perf_counter()
+            trainer._update(loss, lora, opt)
+            sync()
+            times.append(time.perf_counter() - t0)
+        out[f"seconds_per_{name}_step"] = round(_median(times[args.warmup:]), 4)
+    out["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    if device.type == "cuda":
+        out["peak_vram_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
+    trainer.close()
+    return out
+
+
 def main(args) -> int:
-    print(json.dumps(run(args), indent=1))
+    print(json.dumps(run_train(args) if args.train else run(args), indent=1))
     return 0

@@ -61,6 +61,15 @@ def _can_mmap(path: Path) -> bool:
     return zipfile.is_zipfile(path)
 
 
+def _writable_parent(target: Path) -> Path:
+    parent = target.parent if str(target.parent) else Path(".")
+    if not parent.is_dir():
+        raise FileNotFoundError(f"cannot write {target}: folder {parent} does not exist; create it first")
+    if not os.access(parent, os.W_OK):
+        raise PermissionError(f"cannot write {target}: folder {parent} is not writable")
+    return parent
+
+
 @contextlib.contextmanager
 def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to `target`; on success rename it over `target`, else delete it.
@@ -68,11 +77,7 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     The parent folder must exist (a clear error otherwise): nothing half-written is ever left.
     """
     target = Path(target)
-    parent = target.parent if str(target.parent) else Path(".")
-    if not parent.is_dir():
-        raise FileNotFoundError(f"cannot write {target}: folder {parent} does not exist; create it first")
-    if not os.access(parent, os.W_OK):
-        raise PermissionError(f"cannot write {target}: folder {parent} is not writable")
+    parent = _writable_parent(target)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial" + target.suffix, dir=parent)
     os.close(fd)
     tmp_path = Path(tmp)
@@ -87,11 +92,7 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
 def check_writable(target: str | os.PathLike) -> Path:
     """Fail early, before heavy work, if `target` cannot be written."""
     target = Path(target)
-    parent = target.parent if str(target.parent) else Path(".")
-    if not parent.is_dir():
-        raise FileNotFoundError(f"cannot write {target}: folder {parent} does not exist; create it first")
-    if not os.access(parent, os.W_OK):
-        raise PermissionError(f"cannot write {target}: folder {parent} is not writable")
+    _writable_parent(target)
     if target.is_dir():
         raise IsADirectoryError(f"cannot write {target}: it is a folder; give a file name")
     return target
