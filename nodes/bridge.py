@@ -110,13 +110,16 @@ class LiveProgress:
         if self.node_id is not None and PromptServer.instance is not None:
             PromptServer.instance.send_progress_text(text, self.node_id)
 
-    def frames(self, done: int, frames: torch.Tensor, behind: bool) -> None:
+    def frames(self, done: int, frames: torch.Tensor, behind=lambda: False) -> None:
+        """Show frames [n, H, W, 3] uint8 one by one; `behind()` True means newer frames are waiting, so
+        skip to this chunk's last frame at once."""
         from PIL import Image
 
-        shown = frames[-1:] if behind else frames
-        for frame in shown:
+        for i, frame in enumerate(frames):
+            if i < len(frames) - 1 and behind():
+                continue
             delay = self.next_at - time.perf_counter()
-            if delay > 0 and not behind:
+            if delay > 0 and not behind():
                 time.sleep(delay)
             self.bar.update_absolute(done, self.total, ("JPEG", Image.fromarray(frame.numpy()), self.max_size))
             self.next_at = time.perf_counter() + 1.0 / self.fps

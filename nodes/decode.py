@@ -59,6 +59,6 @@ class StreamingDecode(io.ComfyNode):
                 part = z[:, :, s : s + latent_frames_per_step].to(decoder.device)
                 pixels = stream.decode_normalized(part)  # [B, 3, n, H, W]
                 frames.append(((pixels.float() + 1) / 2).clamp(0, 1).permute(0, 2, 3, 4, 1).cpu())
-                live.frames(i, to_uint8_frames(pixels), behind=True)
+                live.frames(i, to_uint8_frames(pixels)[-1:])
         images = torch.cat(frames, dim=1)  # [B, T, H, W, 3]
         return io.NodeOutput(images.reshape(-1, *images.shape[2:]))

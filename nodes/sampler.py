@@ -87,7 +87,7 @@ class StreamSampler(io.ComfyNode):
                     done = sum(f.shape[0] for f in frames)
                     log.debug("self-forcing chunk %d/%d clean at monotonic %.6f", i, n, step.clean_at)
                     live.status(f"chunk {i}/{n} · {done} frames · {done / (time.perf_counter() - start):.1f} FPS")
-                    live.frames(i, shown, behind=steps.pending() > 0)
+                    live.frames(i, shown, behind=lambda: steps.pending() > 0)
         finally:
             stream.close()
         z = torch.cat(latents, dim=2)

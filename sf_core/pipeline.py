@@ -113,6 +113,8 @@ class Background:
 
         self._queue: "queue.Queue" = queue.Queue(maxsize=max_ahead)
         self._stop = threading.Event()
+        self._ready = 0  # items produced and not yet consumed (the end marker not counted)
+        self._lock = threading.Lock()
         self._error: BaseException | None = None
 
         def work():
@@ -121,7 +123,9 @@ class Background:
                     for item in make_iter():
                         while not self._stop.is_set():
                             try:
-                                self._queue.put(item, timeout=0.1)
+                                with self._lock:
+                                    self._queue.put(item, timeout=0.1)
+                                    self._ready += 1
                                 break
                             except queue.Full:
                                 continue
@@ -151,7 +155,7 @@ class Background:
 
     def pending(self) -> int:
         """Items produced and not yet consumed."""
-        return self._queue.qsize()
+        return self._ready
 
     def __iter__(self):
         while True:
@@ -160,6 +164,8 @@ class Background:
                 if self._error is not None:
                     raise self._error
                 return
+            with self._lock:
+                self._ready -= 1
             yield item
 
     def stop(self) -> None:
