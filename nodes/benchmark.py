@@ -49,8 +49,8 @@ class Benchmark(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, chunks, width, height, frames_per_chunk, denoising_steps, shift, window, sink,
-                warmup_chunks, vae=None) -> io.NodeOutput:
-        settings = stream_settings(frames_per_chunk, denoising_steps, shift, window, sink)
+                sink_positions, warmup_chunks, vae=None) -> io.NodeOutput:
+        settings = stream_settings(frames_per_chunk, denoising_steps, shift, window, sink, sink_positions)
         h, w = latent_size_for(height, width)
         backbone = bridge.wan_backbone(model)
         cfg = backbone.config

@@ -6,6 +6,7 @@ from comfy_api.latest import io
 
 from ..sf_core.errors import SelfForcingError
 from ..sf_core.latents import latent_frames_for, latent_size_for
+from ..sf_core.cache import SINK_POSITIONS
 from ..sf_core.stream import StreamSettings
 
 CATEGORY = "Self Forcing"
@@ -31,6 +32,9 @@ def sampling_inputs():
                              "0 keeps the whole video (bounded length). 12 with sink 3 streams without limit."),
         io.Int.Input("sink", default=0, min=0, max=1024,
                      tooltip="Attention-sink frames at the start that are never evicted from the window."),
+        io.Combo.Input("sink_positions", options=list(SINK_POSITIONS), default="adjacent",
+                       tooltip="adjacent: the sink is seen right before the window (window-relative RoPE, as LongLive); "
+                               "absolute: at its own, ever more distant, frames."),
     ]
 
 
@@ -42,9 +46,10 @@ def parse_steps(text: str) -> tuple[float, ...]:
     return steps
 
 
-def stream_settings(frames_per_chunk, denoising_steps, shift, window, sink, switch="recache") -> StreamSettings:
+def stream_settings(frames_per_chunk, denoising_steps, shift, window, sink, sink_positions="adjacent",
+                    switch="recache") -> StreamSettings:
     return StreamSettings(frames_per_chunk=frames_per_chunk, steps=parse_steps(denoising_steps), shift=shift,
-                          window=window or None, sink=sink, switch=switch)
+                          window=window or None, sink=sink, sink_positions=sink_positions, switch=switch)
 
 
 def check_video_inputs(width=None, height=None, length=None, **settings) -> bool | str:

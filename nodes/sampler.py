@@ -59,8 +59,8 @@ class StreamSampler(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, seed, width, height, length, frames_per_chunk, denoising_steps, shift, window, sink,
-                fps, positive=None, timeline=None, vae=None, start_image=None) -> io.NodeOutput:
-        settings = stream_settings(frames_per_chunk, denoising_steps, shift, window, sink,
+                sink_positions, fps, positive=None, timeline=None, vae=None, start_image=None) -> io.NodeOutput:
+        settings = stream_settings(frames_per_chunk, denoising_steps, shift, window, sink, sink_positions,
                                    timeline["switch"] if timeline else "recache")
         h, w = latent_size_for(height, width)
         total = latent_frames_for(length)

@@ -50,6 +50,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", default="1000,750,500,250")
     p.add_argument("--window", type=int, default=None, help="rolling cache window in latent frames")
     p.add_argument("--sink", type=int, default=0)
+    p.add_argument("--sink-positions", choices=["adjacent", "absolute"], default="adjacent",
+                   help="where the sink sits for RoPE: right before the window (LongLive) or at its own frames")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None, choices=list(DTYPES), help="default: bf16 on GPU, fp32 on CPU")
     p.add_argument("--attn", default="auto")
@@ -74,6 +76,7 @@ def run(args) -> dict:
         steps=tuple(float(s) for s in args.steps.split(",")),
         window=args.window,
         sink=args.sink,
+        sink_positions=args.sink_positions,
     )
     model = random_model(cfg, device, dtype)
     backbone = WanBackbone(model, cfg, dtype=dtype, attn=args.attn)

@@ -7,6 +7,9 @@ so memory is planned up front and per-chunk cost is flat in video length:
   hold the first frames forever; the other L - S form a ring, so a new chunk overwrites the oldest
   frames in place - nothing is shifted or copied.
 Keys are stored after RoPE at their absolute frame index, so attention over the slots is order-free.
+With `sink_positions="adjacent"` (LongLive's window-relative positions) the sink frames are seen as if
+they came right before the window: their keys are moved once per chunk, from a pristine copy, by
+R(delta) with delta = first window frame - sink size (only the frame pairs of RoPE; exact, no drift).
 All slot arithmetic is host-side Python on integers: the hot path never syncs the device.
 
 A cache plan (`CacheWrite`, `CacheRead`, `Recache`) tells the backbone what one forward reads and writes.
@@ -19,6 +22,8 @@ from dataclasses import dataclass
 import torch
 
 from .config import WanConfig
+
+SINK_POSITIONS = ("adjacent", "absolute")
 
 
 class KVCache:
@@ -39,19 +44,26 @@ class KVCache:
         *,
         sink: int = 0,
         rolling: bool = False,
+        sink_positions: str = "adjacent",
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
     ):
         if rolling and not 0 <= sink < capacity:
             raise ValueError(f"sink ({sink} frames) must be smaller than the window ({capacity} frames)")
+        if sink_positions not in SINK_POSITIONS:
+            raise ValueError(f"sink_positions must be one of {SINK_POSITIONS}, got {sink_positions!r}")
         self.config = config
         self.capacity, self.sink, self.rolling = capacity, sink, rolling
+        self.adjacent_sink = rolling and sink > 0 and sink_positions == "adjacent"
         self.tokens_per_frame = config.tokens_per_frame(latent_height, latent_width)
         tokens = capacity * self.tokens_per_frame
         shape = (config.num_layers, batch, tokens, config.num_heads, config.head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.latents = torch.zeros(batch, config.in_dim, capacity, latent_height, latent_width, device=device)
+        if self.adjacent_sink:  # the sink's keys at their own positions, and the shift each layer holds now
+            self.sink_k = torch.zeros(shape[:2] + (sink * self.tokens_per_frame,) + shape[3:], dtype=dtype, device=device)
+            self.sink_shift = [0] * config.num_layers
         self.segment_start = 0
         self.slot_frame = [-1] * capacity  # absolute frame held by each slot (-1: empty)
         self.slot_block_end = [-1] * capacity  # end frame of the chunk that frame was generated in
@@ -66,7 +78,13 @@ class KVCache:
 
     @property
     def nbytes(self) -> int:
-        return self.k.nbytes + self.v.nbytes + self.latents.nbytes
+        return self.k.nbytes + self.v.nbytes + self.latents.nbytes + (self.sink_k.nbytes if self.adjacent_sink else 0)
+
+    def sink_shift_for(self, end: int) -> int:
+        """Frames the sink is moved for a chunk ending at `end`: window start - sink size (0: no move)."""
+        if not self.adjacent_sink:
+            return 0
+        return max(0, end - self.segment_start - self.capacity)
 
     # ---- slots -----------------------------------------------------------------------------
     def slot(self, frame: int) -> int:
@@ -121,15 +139,29 @@ class KVCache:
             dst, src = slice(self._tok(s), self._tok(s + n)), slice(self._tok(off), self._tok(off + n))
             self.k[layer, :, dst] = k[:, src]
             self.v[layer, :, dst] = v[:, src]
+            if self.adjacent_sink and s < self.sink:  # a sink frame: keep its keys as written
+                m = min(s + n, self.sink) - s
+                self.sink_k[layer, :, self._tok(s) : self._tok(s + m)] = k[:, self._tok(off) : self._tok(off + m)]
+                self.sink_shift[layer] = 0
+
+    def place_sink(self, layer: int, shift: int) -> None:
+        """Make the sink slots of `layer` hold the sink keys moved by `shift` frames (once per chunk)."""
+        if self.adjacent_sink and self.sink_shift[layer] != shift:
+            from .wan.rope import shift_frames
+
+            n = self._tok(self.sink)
+            self.k[layer, :, :n] = shift_frames(self.sink_k[layer], shift, self.config.head_dim, self.config.rope_theta)
+            self.sink_shift[layer] = shift
 
     # ---- plans -----------------------------------------------------------------------------
     def write_plan(self, start: int, count: int) -> "CacheWrite":
         """Forward of frames [start, start+count) (one chunk): write their K/V, attend to all valid slots."""
-        return CacheWrite(self, self._claim(start, count, start + count), self.valid_slots(start + count))
+        return CacheWrite(self, self._claim(start, count, start + count), self.valid_slots(start + count),
+                          self.sink_shift_for(start + count))
 
     def read_plan(self, start: int, count: int) -> "CacheRead":
         """Like write_plan but leaves the cache untouched (a forward that builds a graph for backward)."""
-        return CacheRead(self, self.runs(start, count), self.valid_slots(start + count))
+        return CacheRead(self, self.runs(start, count), self.valid_slots(start + count), self.sink_shift_for(start + count))
 
     def store_latents(self, start: int, latents: torch.Tensor) -> None:
         """Keep the clean latents [B, C, n, h, w] of frames [start, start+n) for a later re-cache."""
@@ -154,10 +186,12 @@ class CacheWrite:
     cache: KVCache
     runs: list[tuple[int, int, int]]
     valid: int
+    sink_shift: int = 0
 
     def attend(self, layer, q, k, v, attn):
         c = self.cache
         c._write_kv(layer, self.runs, k, v)
+        c.place_sink(layer, self.sink_shift)
         n = c._tok(self.valid)
         return attn(q, c.k[layer, :, :n], c.v[layer, :, :n], None)
 
@@ -167,6 +201,7 @@ class CacheRead:
     cache: KVCache
     runs: list[tuple[int, int, int]]
     valid: int
+    sink_shift: int = 0
     _mask: torch.Tensor | None = None
 
     def key_mask(self, new_tokens: int, device) -> torch.Tensor:
@@ -184,6 +219,7 @@ class CacheRead:
     def attend(self, layer, q, k, v, attn):
         c = self.cache
         n = c._tok(self.valid)
+        c.place_sink(layer, self.sink_shift)
         kk = torch.cat([c.k[layer, :, :n], k.to(c.k.dtype)], dim=1)
         vv = torch.cat([c.v[layer, :, :n], v.to(c.v.dtype)], dim=1)
         return attn(q, kk, vv, self.key_mask(k.shape[1], k.device))
@@ -219,6 +255,8 @@ class Recache:
         tpf = c.tokens_per_frame
         c._write_kv(layer, [(s, i, 1) for i, s in enumerate(self.slots)], k, v)
         n = c._tok(len(self.slots))
-        outs = [attn(q[:, i * tpf : j * tpf], c.k[layer, :, :n], c.v[layer, :, :n], mask)
-                for i, j, mask in self.groups(k.device)]
+        outs = []
+        for i, j, mask in self.groups(k.device):
+            c.place_sink(layer, c.sink_shift_for(self.block_ends[i]))
+            outs.append(attn(q[:, i * tpf : j * tpf], c.k[layer, :, :n], c.v[layer, :, :n], mask))
         return torch.cat(outs, dim=1)

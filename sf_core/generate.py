@@ -48,6 +48,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--window", type=int, default=None, help="rolling cache window (latent frames)")
     p.add_argument("--sink", type=int, default=0, help="attention-sink frames kept in the window")
     p.add_argument("--switch", choices=["recache", "cut"], default="recache")
+    p.add_argument("--sink-positions", choices=["adjacent", "absolute"], default="adjacent",
+                   help="where the sink sits for RoPE: right before the window (LongLive) or at its own frames")
     p.add_argument("--fps", type=float, default=16.0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=list(DTYPES), default=None, help="default: bf16 on GPU, fp32 on CPU")
@@ -78,7 +80,7 @@ def preflight(args) -> dict:
     h, w = latent_size_for(args.height, args.width)
     latent_frames = latent_frames_for(_video_frames(args))
     settings = StreamSettings(frames_per_chunk=args.frames_per_chunk, shift=args.shift, window=args.window,
-                              sink=args.sink, switch=args.switch,
+                              sink=args.sink, switch=args.switch, sink_positions=args.sink_positions,
                               steps=tuple(float(s) for s in args.steps.split(",")))
     text = Path(args.timeline_file).read_text() if args.timeline_file else args.prompt
     timeline = parse_timeline(text, args.fps, args.frames_per_chunk)

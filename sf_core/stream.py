@@ -21,7 +21,7 @@ from typing import Iterator, Sequence
 
 import torch
 
-from .cache import KVCache
+from .cache import SINK_POSITIONS, KVCache
 from .errors import SelfForcingError
 from .schedule import SELF_FORCING_STEPS, FlowSchedule, add_noise
 from .wan.forward import PromptKV, WanBackbone
@@ -39,6 +39,7 @@ class StreamSettings:
     window: int | None = None
     sink: int = 0
     switch: str = "recache"
+    sink_positions: str = "adjacent"  # sink seen right before the window (LongLive), or at its own frames
 
     def __post_init__(self):
         object.__setattr__(self, "steps", tuple(float(s) for s in self.steps))
@@ -50,6 +51,8 @@ class StreamSettings:
             raise SelfForcingError(f"denoising steps must decrease, got {list(self.steps)}")
         if self.sink < 0:
             raise SelfForcingError(f"sink must be >= 0, got {self.sink}")
+        if self.sink_positions not in SINK_POSITIONS:
+            raise SelfForcingError(f"sink positions must be one of {SINK_POSITIONS}, got {self.sink_positions!r}")
         if self.switch not in SWITCH_MODES:
             raise SelfForcingError(f"prompt switch mode must be one of {SWITCH_MODES}, got {self.switch!r}")
         if self.window is not None:
@@ -166,7 +169,7 @@ class Stream:
         capacity = settings.window or (self.prefix_frames + num_frames)
         self.cache = KVCache(
             cfg, batch, latent_height, latent_width, capacity,
-            sink=settings.sink, rolling=settings.window is not None,
+            sink=settings.sink, rolling=settings.window is not None, sink_positions=settings.sink_positions,
             dtype=backbone.dtype, device=backbone.device,
         )
 

@@ -1,5 +1,6 @@
 """The streaming KV-cache path computes exactly the block-causal attention it stands for."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -30,9 +31,10 @@ class DenseMask:
         return out.transpose(1, 2)
 
 
-def _stream_through_cache(backbone, x, t, text, chunk, capacity, sink=0, rolling=False, read_first=False):
+def _stream_through_cache(backbone, x, t, text, chunk, capacity, sink=0, rolling=False, read_first=False,
+                          sink_positions="adjacent"):
     cfg = backbone.config
-    cache = KVCache(cfg, 1, H, W, capacity, sink=sink, rolling=rolling)
+    cache = KVCache(cfg, 1, H, W, capacity, sink=sink, rolling=rolling, sink_positions=sink_positions)
     prompt = backbone.encode_text(text)
     outs, reads = [], []
     for s in range(0, x.shape[2], chunk):
@@ -65,7 +67,35 @@ def test_first_chunk_with_empty_cache_equals_bidirectional(backbone, text):
     assert (out - backbone(x, t, text, plan=Bidirectional())).abs().max() < 1e-5
 
 
-def test_rolling_window_with_sink_matches_dense_reference(backbone, text):
+class SinkNextToWindow:
+    """Independent reference for window-relative positions: per chunk, plain SDPA over the sink keys turned
+    (as complex numbers) by delta frames on RoPE's frame pairs, followed by the window's keys."""
+
+    def __init__(self, chunk, window, sink, frames, tpf):
+        self.chunk, self.window, self.sink, self.frames, self.tpf = chunk, window, sink, frames, tpf
+
+    def attend(self, layer, q, k, v, attn):
+        D, tpf, S = k.shape[-1], self.tpf, self.sink
+        dt = D - 4 * (D // 6)
+        omega = 1.0 / 10000.0 ** (torch.arange(0, dt, 2, dtype=torch.float64) / dt)
+        outs = []
+        for e in range(self.chunk, self.frames + 1, self.chunk):
+            lo = max(S, e - (self.window - S))
+            turn = torch.ones(D // 2, dtype=torch.complex128)
+            turn[: dt // 2] = torch.polar(torch.ones_like(omega), (lo - S) * omega)
+            sink_k = k[:, : S * tpf].double()  # [B, S*tpf, H, D] -> complex pairs [B, S*tpf, H, D/2]
+            ks = torch.view_as_complex(sink_k.reshape(*sink_k.shape[:3], D // 2, 2).contiguous())
+            ks = torch.view_as_real(ks * turn).flatten(-2).float()
+            kk = torch.cat([ks, k[:, lo * tpf : e * tpf]], 1) if lo > S else k[:, : e * tpf]
+            vv = torch.cat([v[:, : S * tpf], v[:, lo * tpf : e * tpf]], 1) if lo > S else v[:, : e * tpf]
+            qq = q[:, (e - self.chunk) * tpf : e * tpf]
+            out = F.scaled_dot_product_attention(qq.transpose(1, 2), kk.transpose(1, 2), vv.transpose(1, 2))
+            outs.append(out.transpose(1, 2))
+        return torch.cat(outs, 1)
+
+
+@pytest.mark.parametrize("sink_positions", ["absolute", "adjacent"])
+def test_rolling_window_with_sink_matches_independent_reference(backbone, text, sink_positions):
     window, sink, chunk, frames = 5, 1, 2, 16  # a video more than three windows long
     x, t = _video(frames, seed=4)
     tpf = backbone.config.tokens_per_frame(H, W)
@@ -74,17 +104,24 @@ def test_rolling_window_with_sink_matches_dense_reference(backbone, text):
         e = (i // chunk + 1) * chunk
         return j < e and (j < sink or j >= e - (window - sink))
 
-    reference = backbone(x, t, text, plan=DenseMask(visible, frames, tpf))
-    cached, read = _stream_through_cache(
-        backbone, x, t, text, chunk, capacity=window, sink=sink, rolling=True, read_first=True
-    )
-    masked = backbone(x, t, text, plan=BlockCausal([chunk] * (frames // chunk), tpf, window=window, sink=sink))
+    if sink_positions == "absolute":  # the sink keeps its own frame positions: a dense mask says it all
+        reference = backbone(x, t, text, plan=DenseMask(visible, frames, tpf))
+    else:
+        reference = backbone(x, t, text, plan=SinkNextToWindow(chunk, window, sink, frames, tpf))
+    cached, read = _stream_through_cache(backbone, x, t, text, chunk, capacity=window, sink=sink, rolling=True,
+                                         read_first=True, sink_positions=sink_positions)
+    masked = backbone(x, t, text, plan=BlockCausal([chunk] * (frames // chunk), tpf, window=window, sink=sink,
+                                                   sink_positions=sink_positions))
     assert (cached - reference).abs().max() < 1e-4
     assert (read - reference).abs().max() < 1e-4
     assert (masked - reference).abs().max() < 1e-4
     # the window really drops frames: the whole-history result differs for late chunks
     whole = backbone(x, t, text, plan=BlockCausal([chunk] * (frames // chunk), tpf))
     assert (whole[:, :, -chunk:] - reference[:, :, -chunk:]).abs().max() > 1e-3
+    if sink_positions == "adjacent":  # and moving the sink matters once the window has left it
+        absolute = backbone(x, t, text, plan=DenseMask(visible, frames, tpf))
+        assert (absolute[:, :, -chunk:] - reference[:, :, -chunk:]).abs().max() > 1e-4
+        assert (absolute[:, :, :window - 1] - reference[:, :, :window - 1]).abs().max() < 1e-5
 
 
 def test_rolling_cache_memory_is_fixed(backbone, text):

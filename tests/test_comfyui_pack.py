@@ -94,7 +94,7 @@ def _t2v(files, model=None, vae=True, seed=3, length=25, **sampler):
         "4": {"class_type": "VAELoader", "inputs": {"vae_name": files["vae"]}},
         "5": {"class_type": "SelfForcingStreamSampler", "inputs": {
             "model": model or ["1", 0], "positive": ["3", 0], "seed": seed, "length": length, "frames_per_chunk": 3,
-            "denoising_steps": "1000,750,500,250", "shift": 5.0, "window": 0, "sink": 0, "fps": 16.0, **SMALL, **sampler}},
+            "denoising_steps": "1000,750,500,250", "shift": 5.0, "window": 0, "sink": 0, "sink_positions": "adjacent", "fps": 16.0, **SMALL, **sampler}},
         "6": {"class_type": "SaveLatent", "inputs": {"samples": ["5", 0], "filename_prefix": f"latents/s{seed}"}},
     }
     if vae:
@@ -244,7 +244,7 @@ def test_benchmark_node_reports(comfy):
         "4": {"class_type": "VAELoader", "inputs": {"vae_name": files["vae"]}},
         "5": {"class_type": "SelfForcingBenchmark", "inputs": {
             "model": ["1", 0], "vae": ["4", 0], "chunks": 3, "frames_per_chunk": 3, "denoising_steps": "1000,750,500,250",
-            "shift": 5.0, "window": 0, "sink": 0, "warmup_chunks": 1, **SMALL}},
+            "shift": 5.0, "window": 0, "sink": 0, "sink_positions": "adjacent", "warmup_chunks": 1, **SMALL}},
     }
     entry = _run(server, g)
     report = json.loads(entry["outputs"]["5"]["text"][0])

@@ -13,7 +13,7 @@ PROMPT = ("A red fox trots through fresh powder snow in a sunlit pine forest, it
 
 SAMPLER = {
     "seed": 42, "width": 832, "height": 480, "length": 81, "frames_per_chunk": 3,
-    "denoising_steps": "1000,750,500,250", "shift": 5.0, "window": 0, "sink": 0, "fps": 16.0,
+    "denoising_steps": "1000,750,500,250", "shift": 5.0, "window": 0, "sink": 0, "sink_positions": "adjacent", "fps": 16.0,
 }
 
 

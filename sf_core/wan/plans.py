@@ -11,6 +11,8 @@ from typing import Sequence
 
 import torch
 
+from .rope import shift_frames
+
 
 class Bidirectional:
     """Every token attends to every token of the input (the teacher / critic forward)."""
@@ -25,13 +27,16 @@ class BlockCausal:
 
     Frames are split into consecutive blocks (chunks) of `block_sizes` latent frames. A query in a block
     that ends at frame e sees every frame before e; with a `window` of L frames and a `sink` of S frames it
-    sees only frames [0, S) and [e - (L - S), e) - exactly what the rolling KV cache keeps.
+    sees only frames [0, S) and [e - (L - S), e) - exactly what the rolling KV cache keeps. With
+    sink_positions "adjacent" the sink keys are moved to sit right before the window (see sf_core.cache).
     """
 
     block_sizes: Sequence[int]
     tokens_per_frame: int
     window: int | None = None
     sink: int = 0
+    sink_positions: str = "adjacent"
+    rope_theta: float = 10000.0
 
     def key_ranges(self, end: int) -> list[tuple[int, int]]:
         """Frame ranges [a, b) visible to the block ending at frame `end`."""
@@ -50,8 +55,12 @@ class BlockCausal:
             if len(ranges) == 1:  # a prefix of the input: a view, no copy
                 kk, vv = k[:, : end * tpf], v[:, : end * tpf]
             else:
-                kk = torch.cat([k[:, a * tpf : b * tpf] for a, b in ranges], dim=1)
-                vv = torch.cat([v[:, a * tpf : b * tpf] for a, b in ranges], dim=1)
+                (_, s), (lo, _) = ranges
+                sink_k = k[:, : s * tpf]
+                if self.sink_positions == "adjacent":
+                    sink_k = shift_frames(sink_k, lo - self.sink, k.shape[-1], self.rope_theta)
+                kk = torch.cat([sink_k, k[:, lo * tpf : end * tpf]], dim=1)
+                vv = torch.cat([v[:, : s * tpf], v[:, lo * tpf : end * tpf]], dim=1)
             outs.append(attn(q[:, start * tpf : end * tpf], kk, vv, None))
             start = end
         if start * tpf != q.shape[1]:

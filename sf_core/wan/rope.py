@@ -59,3 +59,14 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     c, s = cos[None, :, None, :], sin[None, :, None, :]
     out = torch.stack([x0 * c - x1 * s, x0 * s + x1 * c], dim=-1).flatten(-2)
     return out.to(x.dtype)
+
+
+def shift_frames(k: torch.Tensor, delta: int, head_dim: int, theta: float = 10000.0) -> torch.Tensor:
+    """Move keys k [B, L, H, D], roped at some frame, by `delta` frames: R(p + delta) = R(delta) R(p) on the
+    frame pairs only (rows and columns unchanged). Used to place attention-sink frames next to the window."""
+    dt, _, _ = axis_dims(head_dim)
+    half = head_dim // 2
+    angle = torch.zeros(half, dtype=torch.float64, device=k.device)
+    angle[: dt // 2] = delta * _inv_freq(dt, theta, k.device)
+    cos, sin = torch.cos(angle).float(), torch.sin(angle).float()
+    return apply_rope(k, cos[None].expand(k.shape[1], half), sin[None].expand(k.shape[1], half))
