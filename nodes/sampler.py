@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import logging
 import time
-from fractions import Fraction
+import uuid
+from pathlib import Path
 
 import torch
 
 import comfy.model_management as mm
 import comfy.utils
-from comfy_api.latest import InputImpl, Types, io
+import folder_paths
+from comfy_api.latest import InputImpl, io
 
 from ..sf_core.latents import latent_frames_for, latent_size_for, normalize
 from ..sf_core.pipeline import Background, decode_stream
 from ..sf_core.stream import PromptSegment, PromptTimeline, Stream
 from ..sf_core.timeline import resolve
+from ..sf_core.video import VideoWriter
 from . import bridge
 from .common import CATEGORY, Timeline, check_video_inputs, sampling_inputs, size_inputs, stream_settings
 
@@ -44,6 +47,10 @@ class StreamSampler(io.ComfyNode):
                 io.Int.Input("length", default=81, min=1, max=1_000_001, step=4, tooltip="Video frames (1 + 4k)."),
                 *sampling_inputs(),
                 io.Float.Input("fps", default=16.0, min=1.0, max=120.0, tooltip="Frame rate of the VIDEO output and of timeline times."),
+                io.Boolean.Input("return_frames", default=True, optional=True,
+                                 tooltip="Also return every frame as IMAGE (float, about 4.8 MB per 832x480 frame). Turn "
+                                         "off for long streams: VIDEO is written to disk as it streams and IMAGE is then "
+                                         "only the last frame, so memory stays flat."),
             ],
             outputs=[
                 io.Latent.Output(display_name="LATENT"),
@@ -59,7 +66,8 @@ class StreamSampler(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, seed, width, height, length, frames_per_chunk, denoising_steps, shift, window, sink,
-                sink_positions, fps, positive=None, timeline=None, vae=None, start_image=None) -> io.NodeOutput:
+                sink_positions, fps, positive=None, timeline=None, vae=None, start_image=None,
+                return_frames=True) -> io.NodeOutput:
         settings = stream_settings(frames_per_chunk, denoising_steps, shift, window, sink, sink_positions,
                                    timeline["switch"] if timeline else "recache")
         h, w = latent_size_for(height, width)
@@ -74,28 +82,34 @@ class StreamSampler(io.ComfyNode):
                         generator=torch.Generator().manual_seed(seed), prefix=prefix)
         n = stream.num_chunks + (prefix is not None)
         live = bridge.LiveProgress(cls.hidden.unique_id, n, fps)
-        latents, frames = [], []
+        latents, frames, count = [], [], 0
+        path = Path(folder_paths.get_temp_directory()) / f"self_forcing_{uuid.uuid4().hex[:12]}.mp4"
+        path.parent.mkdir(parents=True, exist_ok=True)
         start = time.perf_counter()
         try:
-            with Background(lambda: decode_stream(stream, decoder)) as steps:
+            with VideoWriter(path, fps=fps) as writer, Background(lambda: decode_stream(stream, decoder)) as steps:
                 for i, step in enumerate(steps, 1):
                     mm.throw_exception_if_processing_interrupted()
-                    latents.append(step.chunk.latents.float().cpu())
-                    shown = step.frames if step.frames is not None else bridge.latent_preview(
-                        step.chunk.latents, model.model.latent_format)
-                    frames.append(shown)
-                    done = sum(f.shape[0] for f in frames)
                     log.debug("self-forcing chunk %d/%d clean at monotonic %.6f", i, n, step.clean_at)
-                    live.status(f"chunk {i}/{n} · {done} frames · {done / (time.perf_counter() - start):.1f} FPS")
+                    latents.append(step.chunk.latents.float().cpu())
+                    shown = step.frames if step.frames is not None else _upscale(
+                        bridge.latent_preview(step.chunk.latents, model.model.latent_format), width, height)
+                    writer.write(shown.numpy())
+                    if return_frames or step.chunk.last:
+                        frames.append(shown)
+                    count += shown.shape[0]
+                    live.status(f"chunk {i}/{n} · {count} frames · {count / (time.perf_counter() - start):.1f} FPS")
                     live.frames(i, shown, behind=lambda: steps.pending() > 0)
         finally:
             stream.close()
-        z = torch.cat(latents, dim=2)
-        images = torch.cat(frames).float() / 255.0
-        if decoder is None:  # latent preview at 1/8 size: upscale so IMAGE has the video's size
-            images = comfy.utils.common_upscale(images.movedim(-1, 1), width, height, "nearest-exact", "disabled").movedim(1, -1)
-        video = InputImpl.VideoFromComponents(Types.VideoComponents(images=images, frame_rate=Fraction(fps).limit_denominator(1000)))
-        return io.NodeOutput(bridge.to_latent(z), images, video)
+        images = (torch.cat(frames) if return_frames else frames[-1][-1:]).float() / 255.0
+        return io.NodeOutput(bridge.to_latent(torch.cat(latents, dim=2)), images, InputImpl.VideoFromFile(str(path)))
+
+
+def _upscale(frames: torch.Tensor, width: int, height: int) -> torch.Tensor:
+    """uint8 [n, h, w, 3] latent preview -> the video's size (nearest), uint8."""
+    up = comfy.utils.common_upscale(frames.movedim(-1, 1).float(), width, height, "nearest-exact", "disabled")
+    return up.movedim(1, -1).round().clamp(0, 255).to(torch.uint8)
 
 
 def _timeline(timeline, positive, config, fps, frames_per_chunk) -> PromptTimeline:

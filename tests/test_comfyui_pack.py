@@ -168,6 +168,19 @@ def test_previews_stream_during_sampling(comfy):
     assert any(m.text.startswith("chunk 5/5") for m in ws.progress_texts("5"))
 
 
+def test_long_streams_keep_memory_flat_without_frames(comfy):
+    server, files = comfy
+    g = _t2v(files, length=49, seed=51, window=6, sink=1, return_frames=False)
+    g["7"] = {"class_type": "SaveVideo", "inputs": {"video": ["5", 2], "filename_prefix": "flat/v", "format": "auto",
+                                                    "codec": "auto"}}
+    g["8"] = {"class_type": "SFTestTensorInfo", "inputs": {"image": ["5", 1]}}
+    entry = _run(server, g)
+    info = json.loads(entry["outputs"]["8"]["info"][0])
+    assert info["image"]["shape"][0] == 1  # only the last frame is kept
+    videos = [f for f in server.output_files(entry) if f.suffix == ".mp4"]
+    assert len(videos) == 1 and _frames(videos[0]) == 49  # the whole stream went to disk
+
+
 def test_node_and_cli_give_the_same_latents(comfy, tmp_path):
     server, files = comfy
     node = _latents(server, _run(server, _t2v(files, vae=False, seed=11)))
