@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 import comfy.sd
@@ -24,8 +26,8 @@ class LoadModel(io.ComfyNode):
             description="Loads the official Self Forcing .pt (generator_ema preferred), plain or prefixed Wan2.1 "
                         "safetensors, or a diffusers transformer, as a stock MODEL that any sampler can use.",
             inputs=[
-                io.Combo.Input("model_name", options=folder_paths.get_filename_list("diffusion_models"),
-                               tooltip="File in models/diffusion_models."),
+                io.Combo.Input("model_name", options=folder_paths.get_filename_list("diffusion_models") + _diffusers_folders(),
+                               tooltip="File in models/diffusion_models, or a diffusers transformer folder there (ends in /)."),
                 io.Combo.Input("weight_dtype", options=list(WEIGHT_DTYPES), default="default",
                                tooltip="Storage dtype of the weights; default lets ComfyUI choose for your device."),
             ],
@@ -34,7 +36,7 @@ class LoadModel(io.ComfyNode):
 
     @classmethod
     def execute(cls, model_name, weight_dtype) -> io.NodeOutput:
-        ckpt = load_dit_checkpoint(folder_paths.get_full_path_or_raise("diffusion_models", model_name))
+        ckpt = load_dit_checkpoint(_resolve(model_name))
         sd = ckpt.state_dict
         if any(k.endswith(".scale_weight") for k in sd):  # scaled fp8: dequantise for ComfyUI
             sd = _dequantize(sd)
@@ -43,6 +45,28 @@ class LoadModel(io.ComfyNode):
         if model is None:
             raise ValueError(f"ComfyUI could not build a model from {model_name} ({ckpt.format})")
         return io.NodeOutput(model)
+
+
+def _diffusers_folders() -> list[str]:
+    """Folders under diffusion_models holding a diffusers transformer (config.json + safetensors), as 'name/'."""
+    found = []
+    for root in folder_paths.get_folder_paths("diffusion_models"):
+        root = Path(root)
+        if not root.is_dir():
+            continue
+        for d in sorted(p for p in root.iterdir() if p.is_dir()):
+            inner = d / "transformer" if (d / "transformer").is_dir() else d
+            if (inner / "config.json").is_file() and any(inner.glob("*.safetensors")):
+                found.append(d.name + "/")
+    return found
+
+
+def _resolve(model_name: str) -> Path:
+    if model_name.endswith("/"):
+        for root in folder_paths.get_folder_paths("diffusion_models"):
+            if (Path(root) / model_name).is_dir():
+                return Path(root) / model_name
+    return Path(folder_paths.get_full_path_or_raise("diffusion_models", model_name))
 
 
 def _dequantize(sd: dict) -> dict:

@@ -107,16 +107,27 @@ class TrainLoRA(io.ComfyNode):
                     trainer.resume(checkpoint)
                 live = bridge.LiveProgress(cls.hidden.unique_id, iterations)
                 history: list[dict] = []
+                cancelled = []
 
                 def on_step(info):
                     history.append(info)
-                    live.bar.update_absolute(info["iteration"], iterations)
                     gl = next((h["generator_loss"] for h in reversed(history) if "generator_loss" in h), None)
                     live.status(f"iteration {info['iteration']}/{iterations} · critic {info['critic_loss']:.4f}"
                                 + (f" · generator {gl:.3g}" if gl is not None else "") + f" · {info['seconds']:.1f} s/it")
+                    try:
+                        live.bar.update_absolute(info["iteration"], iterations)  # raises when cancelled
+                    except mm.InterruptProcessingException:
+                        cancelled.append(True)
 
-                trainer.train(checkpoint, on_step=on_step, should_stop=mm.processing_interrupted)
-                mm.throw_exception_if_processing_interrupted()  # cancelled: the checkpoint is saved, resume later
+                try:
+                    trainer.train(checkpoint, on_step=on_step,
+                                  should_stop=lambda: bool(cancelled) or mm.processing_interrupted())
+                except mm.InterruptProcessingException:  # ComfyUI's ops raise it mid-iteration
+                    cancelled.append(True)
+                if cancelled or mm.processing_interrupted():  # keep what was learned: resume later
+                    trainer.save_checkpoint(checkpoint)
+                    live.status(f"cancelled at iteration {trainer.iteration}; checkpoint {checkpoint.name} saved")
+                    raise mm.InterruptProcessingException()
                 lora = trainer.final_lora()
                 lora.save(lora_path, metadata={"base": "self-forcing", "iterations": str(trainer.iteration)})
                 weights = {k: v.detach().clone() for k, v in lora.to_comfy().items()}

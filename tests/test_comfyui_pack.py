@@ -39,6 +39,13 @@ def comfy(tmp_path_factory):
     server.add_model("text_encoders", p["text_encoder"], src.TE)
     server.add_model("vae", p["vae"], src.VAE)
     _write_lora_and_merged(server, p["dit"])
+    from sf_core.testing import to_diffusers
+    from safetensors.torch import load_file, save_file
+
+    folder = server.model_dirs["diffusion_models"] / "tiny_diffusers" / "transformer"
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text("{}")
+    save_file(to_diffusers(load_file(p["dit"])), str(folder / "diffusion_pytorch_model.safetensors"))
     from PIL import Image
 
     server.input_dir.mkdir(parents=True, exist_ok=True)
@@ -264,3 +271,47 @@ def test_benchmark_node_reports(comfy):
     assert report["video_frames"] == 1 + 4 * 8 and report["first_frame_latency_s"] > 0
     assert report["fps_with_decoding"] < report["fps_without_decoding"]
     assert len(report["seconds_per_chunk"]) == 3
+
+
+def test_loader_reads_every_layout_to_the_same_model(comfy):
+    server, files = comfy
+    outs = []
+    for name in (files["dit_official"], "tiny_diffusers/", files["dit"]):
+        g = _t2v(files, model=["7", 0], vae=False, seed=61)
+        g["7"] = {"class_type": "SelfForcingLoadModel", "inputs": {"model_name": name, "weight_dtype": "default"}}
+        outs.append(_latents(server, _run(server, g)))
+    stock = _latents(server, _run(server, _t2v(files, vae=False, seed=61)))
+    assert all(torch.equal(o, stock) for o in outs)
+
+
+def test_impossible_inputs_are_refused_at_queue_time(comfy):
+    from comfy_server import ComfyServerError
+
+    server, files = comfy
+    for change, words in ((dict(width=70), "not divisible by 16"), (dict(length=24), "1 \\+ 4\\*k"),
+                          (dict(window=2, sink=0), "less than one chunk"), (dict(window=6, sink=6), "smaller than the window")):
+        with pytest.raises(ComfyServerError, match=words):
+            server.queue(_t2v(files, **change))
+
+
+def test_training_node_saves_a_checkpoint_when_cancelled(comfy):
+    import workflow_sources as src
+
+    server, files = comfy
+    prompt = json.loads(json.dumps(src.WORKFLOWS["self_forcing_train_lora"]))
+    train = prompt["4"]["inputs"]
+    train.update(iterations=500, rank=4, width=32, height=32, length=9, critic_ratio=1, gradient_checkpointing=False,
+                 save_every=1000, resume=False, lora_name="cancelled_run")
+    graph = {k: prompt[k] for k in ("1", "2", "3", "4", "5")}
+    with server.websocket() as ws:
+        pid = server.queue(graph, client_id=ws.client_id)
+        ws.wait_for(lambda m: m.kind == "text" and (m.text or "").startswith("iteration 3/500"), timeout=300)
+        server.interrupt()
+        with pytest.raises(Exception, match="interrupt"):
+            server.wait(pid, timeout=120)
+    ckpt = server.output_dir / "self_forcing_training" / "cancelled_run.ckpt.pt"
+    state = torch.load(ckpt, weights_only=True)
+    assert 3 <= state["iteration"] < 500
+    assert not (server.model_dirs["loras"] / "cancelled_run.safetensors").exists()
+    texts = [m.text for m in ws.progress_texts("4")]
+    assert any("critic" in t for t in texts)  # the loss is shown on the node
