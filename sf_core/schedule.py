@@ -28,6 +28,7 @@ class FlowSchedule:
         s = torch.linspace(1.0, 0.0, num_train_timesteps + 1, dtype=torch.float64)[:-1]
         self.sigmas = shift_sigma(s, shift)  # [1000], float64, descending
         self.timesteps = self.sigmas * num_train_timesteps
+        self._grids: dict = {}  # device -> (timesteps, sigmas) as fp32 tensors there
 
     def warp(self, steps: Sequence[float]) -> list[float]:
         """Warp a step list like [1000, 750, 500, 250] onto the shifted grid -> timesteps (host floats)."""
@@ -47,10 +48,12 @@ class FlowSchedule:
         return float(self.sigmas[i])
 
     def sigmas_of(self, t: torch.Tensor) -> torch.Tensor:
-        """Device version of sigma_of for a tensor of timesteps (no host sync)."""
-        grid = self.timesteps.to(device=t.device, dtype=torch.float32)
-        idx = torch.argmin((grid[None] - t.float().reshape(-1, 1)).abs(), dim=1)
-        return self.sigmas.to(device=t.device, dtype=torch.float32)[idx].view(t.shape)
+        """Device version of sigma_of for a tensor of timesteps (no host sync; the grid is copied once)."""
+        if t.device not in self._grids:
+            self._grids[t.device] = (self.timesteps.to(t.device, torch.float32), self.sigmas.to(t.device, torch.float32))
+        timesteps, sigmas = self._grids[t.device]
+        idx = torch.argmin((timesteps[None] - t.float().reshape(-1, 1)).abs(), dim=1)
+        return sigmas[idx].view(t.shape)
 
 
 def add_noise(x0: torch.Tensor, eps: torch.Tensor, sigma) -> torch.Tensor:

@@ -89,6 +89,7 @@ class WanBackbone:
         self.dtype = dtype
         self.attn_backend, self.attn = resolve_backend(attn, self.device)
         self.checkpointing = checkpointing
+        self._rope: dict = {}  # (frames, h, w) -> (cos, sin): the steps of a chunk share their angles
 
     # ---- text ------------------------------------------------------------------------------
     def encode_text(self, text: torch.Tensor) -> PromptKV:
@@ -151,7 +152,7 @@ class WanBackbone:
         sin = sinusoidal_embedding(cfg.freq_dim, t.reshape(-1))
         e = dit.time_embedding(_feed(dit.time_embedding[0], sin, torch.float32)).view(B, F, cfg.dim).float()
         e0 = dit.time_projection(_feed(dit.time_projection[1], e, torch.float32)).unflatten(-1, (6, cfg.dim)).float()
-        rope = rope_angles(frames, h, w, cfg.head_dim, cfg.rope_theta, self.device)
+        rope = self._angles(frames, h, w)
 
         for i, block in enumerate(dit.blocks):
             if self.checkpointing and torch.is_grad_enabled():
@@ -169,6 +170,17 @@ class WanBackbone:
         return out.reshape(B, cfg.out_dim, F * pf, H, W)
 
     __call__ = forward
+
+    def _angles(self, frames, h: int, w: int):
+        key = (frames.start, frames.stop, h, w) if isinstance(frames, range) and frames.step == 1 else None
+        if key is not None and key in self._rope:
+            return self._rope[key]
+        angles = rope_angles(frames, h, w, self.config.head_dim, self.config.rope_theta, self.device)
+        if key is not None:
+            if len(self._rope) >= 4:  # the current chunk, its clean pass, the next chunk
+                self._rope.pop(next(iter(self._rope)))
+            self._rope[key] = angles
+        return angles
 
     @staticmethod
     def _modulate(x, shift, scale, frames):

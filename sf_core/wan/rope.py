@@ -36,7 +36,10 @@ def rope_angles(
     `frames` are the absolute latent-frame indices of the input frames.
     """
     dt, dh, dw = axis_dims(head_dim)
-    f = torch.as_tensor(frames, dtype=torch.float64, device=device)
+    if isinstance(frames, range) and frames.step == 1:  # built on the device: no host-to-device copy
+        f = torch.arange(frames.start, frames.stop, dtype=torch.float64, device=device)
+    else:
+        f = torch.as_tensor(frames, dtype=torch.float64, device=device)
     nf = f.numel()
     af = f[:, None] * _inv_freq(dt, theta, device)  # [F, dt/2]
     ah = torch.arange(height, dtype=torch.float64, device=device)[:, None] * _inv_freq(dh, theta, device)
