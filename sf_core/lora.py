@@ -27,11 +27,11 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
-import itertools
 import json
 import math
 import os
 import re
+import time
 import weakref
 from dataclasses import dataclass, field
 from typing import Iterator, Mapping, Sequence
@@ -62,7 +62,6 @@ _WRAPPER_PARTS = ("_orig_mod.", "_fsdp_wrapped_module.", "_checkpoint_wrapped_mo
 _WEIGHT_KEY = re.compile(r"^(?P<path>.+)\.(?P<kind>lora_down|lora_up|lora_A|lora_B)(?:\.[A-Za-z0-9_-]+)?\.weight$")
 _ALPHA_KEY = re.compile(r"^(?P<path>.+)\.alpha$")
 
-_binding_order = itertools.count()  # only orders attachments to one model; holds no state that matters
 
 
 class LoRALayer(nn.Module):
@@ -503,7 +502,7 @@ class LoRA(nn.Module):
         return b
 
     def _new_binding(self, model: nn.Module) -> _Binding:
-        b = _Binding(weakref.ref(model), next(_binding_order))
+        b = _Binding(weakref.ref(model), time.monotonic_ns())  # orders attachments to one model
         self._bindings[id(model)] = b
         return b
 
