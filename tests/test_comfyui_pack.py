@@ -202,9 +202,9 @@ def test_node_and_cli_give_the_same_latents(comfy, tmp_path):
 
     cli = load_file(str(out))["latent_tensor"]
     assert cli.shape == node.shape == (1, 16, 7, 6, 8)
-    assert (cli - node).abs().max() < 2e-2 * cli.abs().max()  # two text-encoder implementations, fp16 weights
+    assert (cli - node).abs().max() < 1e-4  # ComfyUI's text encoder and modules vs ours: the same latents
     other = _latents(server, _run(server, _t2v(files, vae=False, seed=12)))
-    assert (other - node).abs().max() > 10 * (cli - node).abs().max()  # the agreement is not a coincidence
+    assert (other - node).abs().max() > 1.0  # another seed gives another video: the agreement is no accident
 
 
 def test_stock_lora_loader_equals_merged_weights(comfy):
