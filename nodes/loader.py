@@ -10,7 +10,7 @@ import comfy.sd
 import folder_paths
 from comfy_api.latest import io
 
-from ..sf_core.checkpoints import FP8_DTYPES, load_dit_checkpoint
+from ..sf_core.checkpoints import dequantize_fp8, load_dit_checkpoint
 from .common import CATEGORY
 
 WEIGHT_DTYPES = {"default": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp8_e4m3fn": torch.float8_e4m3fn}
@@ -39,7 +39,7 @@ class LoadModel(io.ComfyNode):
         ckpt = load_dit_checkpoint(_resolve(model_name))
         sd = ckpt.state_dict
         if any(k.endswith(".scale_weight") for k in sd):  # scaled fp8: dequantise for ComfyUI
-            sd = _dequantize(sd)
+            sd = dequantize_fp8(sd, torch.bfloat16)
         options = {} if WEIGHT_DTYPES[weight_dtype] is None else {"dtype": WEIGHT_DTYPES[weight_dtype]}
         model = comfy.sd.load_diffusion_model_state_dict(sd, model_options=options)
         if model is None:
@@ -67,13 +67,3 @@ def _resolve(model_name: str) -> Path:
             if (Path(root) / model_name).is_dir():
                 return Path(root) / model_name
     return Path(folder_paths.get_full_path_or_raise("diffusion_models", model_name))
-
-
-def _dequantize(sd: dict) -> dict:
-    out = {}
-    for k, v in sd.items():
-        if k.endswith(".scale_weight") or k.endswith(".scale_input"):
-            continue
-        scale = sd.get(k[: -len("weight")] + "scale_weight") if k.endswith(".weight") else None
-        out[k] = (v.float() * scale.float()).to(torch.bfloat16) if v.dtype in FP8_DTYPES and scale is not None else v
-    return out

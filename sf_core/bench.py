@@ -15,12 +15,12 @@ import time
 import torch
 
 from .config import WanConfig
+from .io import DTYPES, compute_dtype
 from .latents import latent_size_for
 from .stream import Stream, StreamSettings
 from .wan.forward import WanBackbone
 from .wan.modules import WanModel
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def rss_mb() -> float:
@@ -68,7 +68,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args) -> dict:
     device = torch.device(args.device)
-    dtype = DTYPES[args.dtype] if args.dtype else (torch.float32 if device.type == "cpu" else torch.bfloat16)
+    dtype = compute_dtype(args.dtype, device)
     cfg = WanConfig.preset(args.config)
     h, w = latent_size_for(args.height, args.width)
     settings = StreamSettings(
@@ -149,7 +149,7 @@ def run_train(args) -> dict:
     from .train.trainer import TrainSettings, Trainer
 
     device = torch.device(args.device)
-    dtype = DTYPES[args.dtype] if args.dtype else (torch.float32 if device.type == "cpu" else torch.bfloat16)
+    dtype = compute_dtype(args.dtype, device)
     cfg = WanConfig.preset(args.config)
     h, w = latent_size_for(args.height, args.width)
     settings = TrainSettings(rank=args.rank, latent_frames=args.chunks * args.frames_per_chunk, latent_height=h,

@@ -22,12 +22,11 @@ import torch
 
 from .config import WanConfig
 from .errors import CheckpointError
-from .io import read_state_dict
+from .io import FP8_DTYPES, read_state_dict
 
 NESTED_PREFERENCE = ("generator_ema", "generator", "model", "state_dict", "module")
 WRAPPERS = ("_fsdp_wrapped_module.", "_orig_mod.", "_checkpoint_wrapped_module.")
 PREFIXES = ("model.diffusion_model.", "diffusion_model.", "model.")
-FP8_DTYPES = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n))
 
 _DIFFUSERS_TOP = {
     "scale_shift_table": "head.modulation",
@@ -191,6 +190,29 @@ def _check_complete(sd: dict, config: WanConfig, name: str) -> None:
         raise CheckpointError(f"{name}: incomplete or mismatched Wan DiT ({detail.strip('; ')}); the file may be truncated")
 
 
+def dequantize_fp8(sd: dict, dtype: torch.dtype = torch.bfloat16) -> dict:
+    """fp8 weights times their per-tensor `scale_weight` -> `dtype`; scale entries dropped; other tensors kept.
+    For tools that need plain weights (ComfyUI's loader without the scaled-fp8 marker, `convert`)."""
+    out = {}
+    for k, v in sd.items():
+        if k.endswith((".scale_weight", ".scale_input")) or k == "scaled_fp8":
+            continue
+        if v.dtype in FP8_DTYPES:
+            scale = sd.get(k[: -len("weight")] + "scale_weight") if k.endswith(".weight") else None
+            v = (v.float() * (scale.float() if scale is not None else 1.0)).to(dtype)
+        out[k] = v
+    return out
+
+
+def _check_quant_keys(sd: dict, name: str) -> None:
+    odd = [k for k in sd if k.endswith((".weight_scale", ".comfy_quant", ".input_scale"))]
+    if odd:
+        raise CheckpointError(
+            f"{name}: uses a quantisation layout this loader does not read ({odd[0]}); "
+            "use the bf16/fp16 file or a per-tensor scaled fp8 file (scale_weight)"
+        )
+
+
 def build_model(
     ckpt: DiTCheckpoint,
     device: torch.device | str = "cpu",
@@ -204,18 +226,15 @@ def build_model(
     """
     from .wan.modules import WanModel
 
+    _check_quant_keys(ckpt.state_dict, ckpt.path)
     with torch.device("meta"):
         model = WanModel(ckpt.config)
-    sd = {}
-    for k, v in ckpt.state_dict.items():
-        if k.endswith(".scale_weight") or k.endswith(".scale_input"):
-            continue
-        scale = ckpt.state_dict.get(k[: -len("weight")] + "scale_weight") if k.endswith(".weight") else None
-        if v.dtype in FP8_DTYPES and not keep_fp8:
-            v = v.float() * (scale.float() if scale is not None else 1.0)
-        elif v.is_floating_point() and dtype is not None and v.dtype not in FP8_DTYPES:
-            v = v.to(dtype)
-        sd[k] = v.to(device)
+    if keep_fp8:
+        sd = {k: v for k, v in ckpt.state_dict.items() if not k.endswith((".scale_weight", ".scale_input"))}
+    else:
+        sd = dequantize_fp8(ckpt.state_dict, dtype or torch.float32)
+    sd = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() and v.dtype not in FP8_DTYPES else v).to(device)
+          for k, v in sd.items()}
     model.load_state_dict(sd, strict=True, assign=True)
     if keep_fp8:
         for k, v in ckpt.state_dict.items():

@@ -20,14 +20,14 @@ def _convert(args) -> int:
     import torch
     from safetensors.torch import save_file
 
-    from .checkpoints import load_dit_checkpoint
+    from .checkpoints import dequantize_fp8, load_dit_checkpoint
     from .io import atomic_path, check_writable
 
     check_writable(args.output)
     ckpt = load_dit_checkpoint(args.file)
     dtype = {"keep": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
-    sd = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() and v.element_size() > 1 else v).contiguous()
-          for k, v in ckpt.state_dict.items()}
+    sd = dequantize_fp8(ckpt.state_dict, dtype or torch.bfloat16)  # plain weights any loader reads correctly
+    sd = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).contiguous() for k, v in sd.items()}
     with atomic_path(args.output) as tmp:
         save_file(sd, str(tmp), metadata={"source_format": ckpt.format})
     print(f"{args.file} ({ckpt.format}) -> {args.output}")

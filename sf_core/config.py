@@ -9,7 +9,7 @@ from typing import Mapping
 
 import torch
 
-from .errors import CheckpointError
+from .errors import CheckpointError, SelfForcingError
 
 HEAD_DIM = 128
 
@@ -49,7 +49,7 @@ class WanConfig:
         """Tokens one latent frame becomes after patchifying."""
         ph, pw = self.patch_size[1:]
         if latent_height % ph or latent_width % pw:
-            raise ValueError(
+            raise SelfForcingError(
                 f"latent size {latent_height}x{latent_width} is not divisible by the patch {ph}x{pw}; "
                 f"use a pixel size divisible by {8 * ph}"
             )

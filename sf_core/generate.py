@@ -16,14 +16,13 @@ import torch
 
 from .checkpoints import check_dit_file, load_dit
 from .errors import CheckpointError, SelfForcingError
-from .io import check_writable, peek_keys
+from .io import DTYPES, check_writable, compute_dtype, peek_keys
 from .pipeline import Timings, decode_stream
 from .latents import latent_frames_for, latent_size_for, video_frames_for
 from .stream import PromptSegment, PromptTimeline, Stream, StreamSettings
 from .timeline import parse_timeline
 from .wan.forward import WanBackbone
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -130,7 +129,7 @@ def encode_timeline(args, timeline: list[tuple[int, str]]) -> PromptTimeline:
 def run(args, log=print) -> dict:
     plan = preflight(args)
     device = torch.device(args.device)
-    dtype = DTYPES[args.dtype] if args.dtype else (torch.float32 if device.type == "cpu" else torch.bfloat16)
+    dtype = compute_dtype(args.dtype, device)
     timeline = encode_timeline(args, plan["timeline"])
 
     from .vae import load_decoder

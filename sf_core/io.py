@@ -13,6 +13,19 @@ import torch
 from .errors import CheckpointError
 
 SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # command-line names
+
+
+def compute_dtype(name: str | None, device: torch.device) -> torch.dtype:
+    """A --dtype choice, or the default: fp32 on CPU, bf16 elsewhere."""
+    if name:
+        return DTYPES[name]
+    return torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
+
+
+FP8_DTYPES = tuple(
+    getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz") if hasattr(torch, n)
+)
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 
 

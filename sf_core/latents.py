@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from .errors import SelfForcingError
+
 LATENT_CHANNELS = 16
 TIME_STRIDE = 4
 SPATIAL_STRIDE = 8
@@ -47,7 +49,7 @@ def denormalize(z: torch.Tensor) -> torch.Tensor:
 def latent_frames_for(video_frames: int) -> int:
     """Video frames (1 + 4k) -> latent frames (1 + k)."""
     if video_frames < 1 or (video_frames - 1) % TIME_STRIDE:
-        raise ValueError(
+        raise SelfForcingError(
             f"video length {video_frames} is not 1 + {TIME_STRIDE}*k frames; "
             f"use e.g. {1 + TIME_STRIDE * max(0, round((video_frames - 1) / TIME_STRIDE))}"
         )
@@ -57,14 +59,14 @@ def latent_frames_for(video_frames: int) -> int:
 def video_frames_for(latent_frames: int) -> int:
     """Latent frames -> decoded video frames: the first latent frame gives 1 frame, each later one 4."""
     if latent_frames < 1:
-        raise ValueError(f"need at least one latent frame, got {latent_frames}")
+        raise SelfForcingError(f"need at least one latent frame, got {latent_frames}")
     return 1 + TIME_STRIDE * (latent_frames - 1)
 
 
 def latent_size_for(height: int, width: int, multiple: int = 16) -> tuple[int, int]:
     """Pixel size -> latent (H, W). Pixels must be a multiple of `multiple` (VAE stride 8 x patch 2)."""
     if height % multiple or width % multiple or height <= 0 or width <= 0:
-        raise ValueError(
+        raise SelfForcingError(
             f"size {width}x{height} is not divisible by {multiple}; "
             f"use e.g. {max(multiple, width // multiple * multiple)}x{max(multiple, height // multiple * multiple)}"
         )

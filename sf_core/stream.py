@@ -159,7 +159,11 @@ class Stream:
         self.prefix_frames = 0 if self.prefix is None else self.prefix.shape[2]
         if isinstance(generator, int):
             generator = torch.Generator(device="cpu").manual_seed(generator)
+        # Reference noise comes from `generator`, frame by frame, so a frame's starting noise does not depend on
+        # the step list or the chunking; the per-step noise has a generator of its own, seeded from it.
         self.generator = generator
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
+        self.step_generator = torch.Generator(device=generator.device).manual_seed(seed)
         schedule = FlowSchedule(settings.shift)
         self.timesteps = schedule.warp(settings.steps)
         self.sigmas = [schedule.sigma_of(t) for t in self.timesteps]
@@ -192,16 +196,17 @@ class Stream:
     def __iter__(self) -> Iterator[Chunk]:
         return self.rollout()
 
-    def rollout(self, exit_step: int | None = None) -> Iterator[Chunk]:
+    def rollout(self, exit_step: int | None = None, grad: bool = True) -> Iterator[Chunk]:
         """Yield chunks as soon as they are clean.
 
         exit_step: None for inference (all steps, no grad). For training, the denoising step at which every
-        chunk exits: earlier steps run without grad, the exit step with grad (its x0 is the chunk output).
+        chunk exits: earlier steps run without grad, the exit step with grad (its x0 is the chunk output)
+        unless grad is False (the critic's samples).
         """
         if exit_step is not None and not 0 <= exit_step < len(self.timesteps):
             raise SelfForcingError(f"exit step {exit_step} is outside the {len(self.timesteps)} denoising steps")
         n = self.settings.frames_per_chunk
-        train = exit_step is not None  # prompt K/V keep their graph so LoRAs on cross-attn k/v learn too
+        train = exit_step is not None and grad  # prompt K/V keep their graph so LoRAs on cross-attn k/v learn too
         prompt_index, prompt = 0, self._prompt(0, train)
         if self.prefix is not None:
             self._prefill(prompt)
@@ -216,7 +221,7 @@ class Stream:
                 self._switch(prompt, start)
             count = n if self.num_frames is None else min(n, self.prefix_frames + self.num_frames - start)
             last = self.num_chunks is not None and index == self.num_chunks - 1
-            x0 = self._denoise(start, count, prompt, exit_step)
+            x0 = self._denoise(start, count, prompt, exit_step, train)
             if not last:
                 self._write_clean(start, x0.detach(), prompt)
             yield Chunk(index, start, x0, prompt_index, last)
@@ -229,25 +234,34 @@ class Stream:
         with torch.set_grad_enabled(grad):
             return self.backbone.encode_text(text)
 
-    def _randn(self, count: int) -> torch.Tensor:
-        shape = (self.batch, self.backbone.config.in_dim, count, self.h, self.w)
-        noise = torch.randn(shape, generator=self.generator, device=self.generator.device, dtype=torch.float32)
-        return noise.to(self.backbone.device)
+    def _noise(self, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A chunk's reference noise [B, C, n, h, w] and its per-step noise [steps - 1, B, C, n, h, w], drawn in
+        one go and moved to the device with one asynchronous copy (no sync in the loop)."""
+        B, C, g = self.batch, self.backbone.config.in_dim, self.generator
+        ref = torch.randn((B, count, C, self.h, self.w), generator=g, device=g.device).transpose(1, 2).contiguous()
+        steps = torch.randn((len(self.timesteps) - 1, B, C, count, self.h, self.w), generator=self.step_generator,
+                            device=g.device)
+        device = self.backbone.device
+        if ref.device != device:
+            if device.type == "cuda":
+                ref, steps = ref.pin_memory(), steps.pin_memory()
+            ref, steps = ref.to(device, non_blocking=True), steps.to(device, non_blocking=True)
+        return ref, steps
 
-    def _denoise(self, start: int, count: int, prompt: PromptKV, exit_step: int | None) -> torch.Tensor:
+    def _denoise(self, start: int, count: int, prompt: PromptKV, exit_step: int | None, grad: bool) -> torch.Tensor:
         bb, frames = self.backbone, range(start, start + count)
         last_step = len(self.timesteps) - 1 if exit_step is None else exit_step
-        x = self._randn(count)
+        x, step_noise = self._noise(count)
         for i in range(last_step + 1):
             t = torch.full((self.batch, count), self.timesteps[i], device=bb.device)
-            if exit_step is not None and i == exit_step:
+            if grad and i == last_step:
                 with torch.enable_grad():
                     x0 = x - self.sigmas[i] * bb(x, t, prompt, frames, self.cache.read_plan(start, count))
             else:
                 with torch.no_grad():
                     x0 = x - self.sigmas[i] * bb(x, t, prompt, frames, self.cache.write_plan(start, count))
             if i < last_step:
-                x = add_noise(x0, self._randn(count), self.sigmas[i + 1])
+                x = add_noise(x0, step_noise[i], self.sigmas[i + 1])
         return x0
 
     @torch.no_grad()

@@ -50,29 +50,37 @@ def test_same_seed_same_output_other_seed_differs(backbone, text):
 
 
 def test_each_chunk_is_the_few_step_sampler(backbone, text):
-    """Re-derive chunk 1 by hand: cache = clean K/V of chunk 0; 4 steps with re-noising from the same generator."""
+    """Re-derive chunks by hand: reference noise frame by frame from the seed, per-step noise from a second
+    generator seeded by the first, cache = clean K/V of the earlier chunks."""
     chunks, stream = _run(backbone, text, frames=6, seed=3)
     g = torch.Generator().manual_seed(3)
+    steps_g = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,), generator=g)))
     sched = FlowSchedule(5.0)
     ts = sched.warp([1000, 750, 500, 250])
     sig = [sched.sigma_of(t) for t in ts]
     prompt = backbone.encode_text(text)
     cache = KVCache(backbone.config, 1, H, W, 6)
-    # chunk 0 noise and its step noises are drawn first; replay the draws
-    draws = [torch.randn(1, 16, 3, H, W, generator=g) for _ in range(4)]
-    x = draws[0]
-    for i in range(4):
-        x0 = x - sig[i] * backbone(x, torch.full((1, 3), ts[i]), prompt, range(3), cache.write_plan(0, 3))
-        if i < 3:
-            x = add_noise(x0, draws[i + 1], sig[i + 1])
-    assert torch.allclose(x0, chunks[0].latents, atol=1e-5)
-    backbone(x0, torch.zeros(1, 3), prompt, range(3), cache.write_plan(0, 3))  # clean context
-    x = torch.randn(1, 16, 3, H, W, generator=g)
-    for i in range(4):
-        x0 = x - sig[i] * backbone(x, torch.full((1, 3), ts[i]), prompt, range(3, 6), cache.write_plan(3, 3))
-        if i < 3:
-            x = add_noise(x0, torch.randn(1, 16, 3, H, W, generator=g), sig[i + 1])
-    assert torch.allclose(x0, chunks[1].latents, atol=1e-5)
+    for start, chunk in zip((0, 3), chunks):
+        x = torch.randn(1, 3, 16, H, W, generator=g).transpose(1, 2)  # frames in order: [B, F, C, ...]
+        step_noise = torch.randn(3, 1, 16, 3, H, W, generator=steps_g)
+        frames = range(start, start + 3)
+        for i in range(4):
+            x0 = x - sig[i] * backbone(x, torch.full((1, 3), ts[i]), prompt, frames, cache.write_plan(start, 3))
+            if i < 3:
+                x = add_noise(x0, step_noise[i], sig[i + 1])
+        assert torch.allclose(x0, chunk.latents, atol=1e-5)
+        backbone(x0, torch.zeros(1, 3), prompt, frames, cache.write_plan(start, 3))  # clean context
+
+
+def test_reference_noise_does_not_depend_on_steps_or_chunking(backbone, text):
+    """A frame's starting noise is the same whatever the step list and chunk size (drawn frame by frame)."""
+    seen = {}
+    for steps, n in (((1000, 750, 500, 250), 3), ((1000, 500), 2), ((1000,), 1)):
+        s = Stream(backbone, text, latent_height=H, latent_width=W, num_frames=6, generator=9,
+                   settings=StreamSettings(frames_per_chunk=n, steps=steps))
+        seen[(steps, n)] = torch.cat([s._noise(n)[0] for _ in range(6 // n)], dim=2)
+    a, b, c = seen.values()
+    assert torch.equal(a, b) and torch.equal(a, c)
 
 
 def _timeline(text, other, at=2):

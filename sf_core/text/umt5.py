@@ -45,14 +45,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import CheckpointError, SelfForcingError
-from ..io import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, read_state_dict
+from ..io import FP8_DTYPES, PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, read_state_dict
 from .tokenizer import DEFAULT_LENGTH, Tokenizer, TokenizerSource, load_tokenizer
 
 log = logging.getLogger(__name__)
 
-FP8_DTYPES = tuple(
-    getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz") if hasattr(torch, n)
-)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import torch
 
 from ..checkpoints import check_dit_file, load_dit
 from ..errors import SelfForcingError
-from ..io import check_writable
+from ..io import DTYPES, check_writable, compute_dtype
 from ..latents import latent_frames_for, latent_size_for
 from .trainer import TrainSettings, Trainer
 
@@ -26,7 +26,6 @@ WAN_NEGATIVE_PROMPT = (
     "残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，手指融合，静止不动的画面，杂乱的背景，"
     "三条腿，背景人很多，倒着走"
 )
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -104,7 +103,7 @@ def preflight(args) -> tuple[TrainSettings, list[str], Path]:
 def run(args, log=print) -> dict:
     settings, prompts, checkpoint = preflight(args)
     device = torch.device(args.device)
-    dtype = DTYPES[args.dtype] if args.dtype else (torch.float32 if device.type == "cpu" else torch.bfloat16)
+    dtype = compute_dtype(args.dtype, device)
     from ..text import load_text_encoder
 
     with load_text_encoder(args.text_encoder, tokenizer=args.tokenizer, device="cpu") as te:

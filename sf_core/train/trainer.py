@@ -41,7 +41,7 @@ class TrainSettings:
     grad_clip: float = 10.0
     critic_ratio: int = 5  # one generator step every this many critic steps
     ema: float | None = 0.99
-    ema_start: int = 200  # generator steps before the EMA starts
+    ema_start: int = 200  # iteration from which the EMA is kept (as the recipe counts)
     grad_accum: int = 1
     checkpointing: bool = True
     latent_frames: int = 21
@@ -125,13 +125,13 @@ class Trainer:
         idx = torch.randint(0, self.prompts.shape[0], (self.settings.batch,), generator=self.rng)
         return self.prompts[idx.to(self.device)]
 
-    def rollout(self, text: torch.Tensor, exit_step: int | None) -> torch.Tensor:
+    def rollout(self, text: torch.Tensor, exit_step: int | None, grad: bool = True) -> torch.Tensor:
         """The inference chunk loop on the generator; returns the video [B, C, F, H, W]."""
         s = self.settings
         stream = Stream(self.student, text, latent_height=s.latent_height, latent_width=s.latent_width,
                         num_frames=s.latent_frames, batch=s.batch, settings=self.stream_settings,
                         generator=self.rng)
-        return torch.cat([c.latents for c in stream.rollout(exit_step)], dim=2)
+        return torch.cat([c.latents for c in stream.rollout(exit_step, grad)], dim=2)
 
     def _x0(self, backbone: WanBackbone, prompt, x_t, t):
         sigma = frame_sigma(self.schedule.sigmas_of(t))
@@ -142,10 +142,14 @@ class Trainer:
         with self.critic_lora.disabled():
             return self._x0(self.teacher, prompt, x_t, t)
 
+    def _exit_step(self) -> int:
+        """One exit step per rollout, shared by all its chunks."""
+        return int(torch.randint(0, len(self.settings.denoising_steps), (1,), generator=self.rng))
+
     def generator_loss(self) -> torch.Tensor:
         """Self rollout with one exit step shared by all chunks, then DMD on the whole video."""
         text = self._sample_prompts()
-        self.last_exit_step = int(torch.randint(0, len(self.settings.denoising_steps), (1,), generator=self.rng))
+        self.last_exit_step = self._exit_step()
         video = self.rollout(text, self.last_exit_step)
         with torch.no_grad():
             with self.critic_lora.disabled():
@@ -164,10 +168,11 @@ class Trainer:
         return loss
 
     def critic_loss(self) -> torch.Tensor:
-        """Flow matching of the critic (teacher base + critic LoRA) on a no-grad generator rollout."""
+        """Flow matching of the critic (teacher base + critic LoRA) on a no-grad generator rollout that exits
+        at a random step too: the critic models the very samples DMD corrects."""
         text = self._sample_prompts()
         with torch.no_grad():
-            video = self.rollout(text, None)
+            video = self.rollout(text, self._exit_step(), grad=False)
         prompt = self.teacher.encode_text(text)
         return critic_loss(video, lambda x_t, t: self.teacher(x_t, t, prompt), self.rng, self.schedule)
 
@@ -184,7 +189,7 @@ class Trainer:
 
     def _update_ema(self) -> None:
         s = self.settings
-        if s.ema is None or self.generator_steps < s.ema_start:
+        if s.ema is None or self.iteration < s.ema_start:
             return
         if self.ema is None:
             self.ema = copy.deepcopy(self.gen_lora).requires_grad_(False)
@@ -255,7 +260,7 @@ class Trainer:
             if _norm(state["settings"].get(key)) != _norm(mine[key]):
                 raise SelfForcingError(
                     f"checkpoint was trained with {key}={state['settings'].get(key)}, this run has {mine[key]}; "
-                    "resume with the same settings"
+                    "resume with the same settings, or start afresh (turn resume off / remove the checkpoint)"
                 )
         self.gen_lora.load_state_dict(state["gen_lora"])
         self.critic_lora.load_state_dict(state["critic_lora"])
@@ -273,7 +278,15 @@ class Trainer:
             torch.save(self.state_dict(), tmp)
 
     def resume(self, path: str | Path) -> None:
-        self.load_state_dict(torch.load(path, map_location=self.device, weights_only=True))
+        """Continue from a checkpoint (the learning rates of these settings apply from here on)."""
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)  # optimizers move their state
+            self.load_state_dict(state)
+        except SelfForcingError as e:
+            raise SelfForcingError(f"cannot resume from {path}: {e}") from e
+        for opt, lr in ((self.gen_opt, self.settings.lr), (self.critic_opt, self.settings.critic_lr)):
+            for group in opt.param_groups:
+                group["lr"] = lr
 
     def close(self) -> None:
         """Take the LoRAs off: the handed-in models are as they were found."""
