@@ -9,6 +9,7 @@ import torch
 import comfy.model_management as mm
 from comfy_api.latest import io
 
+from ..sf_core.cache import KVCache
 from ..sf_core.latents import latent_size_for
 from ..sf_core.pipeline import Background, Timings, decode_stream
 from ..sf_core.stream import Stream
@@ -52,10 +53,13 @@ class Benchmark(io.ComfyNode):
                 sink_positions, warmup_chunks, vae=None) -> io.NodeOutput:
         settings = stream_settings(frames_per_chunk, denoising_steps, shift, window, sink, sink_positions)
         h, w = latent_size_for(height, width)
-        backbone = bridge.wan_backbone(model)
-        cfg = backbone.config
+        _, cfg = bridge.wan_dit(model)
         text = torch.randn(1, cfg.text_len, cfg.text_dim, generator=torch.Generator().manual_seed(0)) * 0.1
         decoder = bridge.stream_decoder(vae) if vae is not None else None
+        capacity = settings.window or chunks * frames_per_chunk
+        cache = KVCache.estimate_bytes(cfg, 1, h, w, capacity, bridge.compute_dtype(model))
+        bridge.load([model], memory_required=cache + (bridge.module_bytes(decoder) if decoder else 0))
+        backbone = bridge.wan_backbone(model)
         device = backbone.device
 
         def run(n_chunks, timings):

@@ -10,7 +10,6 @@ import torch
 import comfy.model_management as mm
 import comfy.utils
 
-from ..sf_core.cache import KVCache
 from ..sf_core.errors import SelfForcingError
 from ..sf_core.latents import denormalize, normalize
 from ..sf_core.wan.forward import WanBackbone, infer_config
@@ -18,8 +17,8 @@ from ..sf_core.wan.forward import WanBackbone, infer_config
 SUPPORTED_DIT = ("WanModel", "CausalWanModel")
 
 
-def wan_backbone(model, attn: str = "auto", memory_required: int = 0) -> WanBackbone:
-    """Load a stock MODEL (LoRA patches applied by ComfyUI) and wrap its Wan DiT for the engine."""
+def wan_dit(model):
+    """The Wan DiT module tree of a stock MODEL (not loaded yet) and its config; a clear error otherwise."""
     dm = model.get_model_object("diffusion_model")
     name = type(dm).__name__
     if name not in SUPPORTED_DIT or not hasattr(dm, "blocks") or getattr(dm, "in_dim", 16) != 16:
@@ -27,17 +26,35 @@ def wan_backbone(model, attn: str = "auto", memory_required: int = 0) -> WanBack
             f"this MODEL is a {name}, not a Wan2.1 text-to-video DiT; load a Self Forcing / Wan2.1 T2V "
             "checkpoint with 'Load Self-Forcing Model' or the stock 'Load Diffusion Model'"
         )
-    mm.load_models_gpu([model], memory_required=memory_required)
+    return dm, infer_config(dm)
+
+
+def compute_dtype(model) -> torch.dtype:
     dtype = model.model.manual_cast_dtype or model.model.get_dtype()
-    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        dtype = torch.bfloat16
-    return WanBackbone(dm, infer_config(dm), dtype=dtype, attn=attn, device=model.load_device)
+    return dtype if dtype in (torch.float32, torch.float16, torch.bfloat16) else torch.bfloat16
+
+
+def load(models: list, memory_required: int = 0, full: bool = False) -> None:
+    """Have ComfyUI place the models (LoRA patches applied) with room for `memory_required` bytes more:
+    call it once, after all text/VAE work, right before the loop."""
+    mm.load_models_gpu(models, memory_required=memory_required, force_full_load=full)
+
+
+def wan_backbone(model, attn: str = "auto") -> WanBackbone:
+    """The engine's view of a loaded stock MODEL (see `load`)."""
+    dm, config = wan_dit(model)
+    return WanBackbone(dm, config, dtype=compute_dtype(model), attn=attn, device=model.load_device)
 
 
 def text_from_conditioning(conditioning, text_dim: int, text_len: int = 512) -> torch.Tensor:
-    """Stock CONDITIONING ([[cond [1, n, 4096], {...}], ...]) -> [1, min(n, 512), 4096] (Wan truncates at 512)."""
+    """Stock CONDITIONING ([[cond [1, n, 4096], {...}]]) -> [1, min(n, 512), 4096] (Wan truncates at 512)."""
     if not conditioning:
         raise SelfForcingError("the conditioning is empty; connect a CLIP Text Encode (CLIPLoader type 'wan')")
+    if len(conditioning) > 1 or conditioning[0][0].shape[0] > 1:
+        raise SelfForcingError(
+            "this conditioning holds several prompts (combined or batched); the sampler follows one prompt at a "
+            "time: use a Self-Forcing Prompt Timeline to change prompts over time"
+        )
     cond = conditioning[0][0]
     if cond.ndim != 3 or cond.shape[-1] != text_dim:
         raise SelfForcingError(
@@ -61,16 +78,18 @@ def stream_decoder(vae, device=None):
     return decoder
 
 
-def cache_fits(backbone: WanBackbone, batch: int, h: int, w: int, capacity: int) -> int:
-    """Bytes the KV cache will take; refuse a whole-video cache that cannot fit in free memory."""
-    need = KVCache.estimate_bytes(backbone.config, batch, h, w, capacity, backbone.dtype)
+def check_room(backbone: WanBackbone, need: int, what: str) -> None:
+    """After loading: refuse clearly when `need` bytes (cache, decoder) do not fit next to the weights."""
     free = mm.get_free_memory(backbone.device)
     if need > free:
         raise SelfForcingError(
-            f"a whole-video KV cache of {capacity} latent frames needs {need / 2**30:.1f} GiB, only "
-            f"{free / 2**30:.1f} GiB is free; set a window (e.g. 12, sink 3) for long videos"
+            f"{what} needs {need / 2**30:.1f} GiB but only {free / 2**30:.1f} GiB is free next to the model; "
+            "set a window (e.g. 12, sink 3), a smaller size, or use a smaller weight dtype"
         )
-    return need
+
+
+def module_bytes(module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters())
 
 
 def to_latent(z: torch.Tensor) -> dict:

@@ -14,6 +14,7 @@ import comfy.utils
 import folder_paths
 from comfy_api.latest import InputImpl, io
 
+from ..sf_core.cache import KVCache
 from ..sf_core.latents import latent_frames_for, latent_size_for, normalize
 from ..sf_core.pipeline import Background, decode_stream
 from ..sf_core.stream import PromptSegment, PromptTimeline, Stream
@@ -47,10 +48,10 @@ class StreamSampler(io.ComfyNode):
                 io.Int.Input("length", default=81, min=1, max=1_000_001, step=4, tooltip="Video frames (1 + 4k)."),
                 *sampling_inputs(),
                 io.Float.Input("fps", default=16.0, min=1.0, max=120.0, tooltip="Frame rate of the VIDEO output and of timeline times."),
-                io.Boolean.Input("return_frames", default=True, optional=True,
-                                 tooltip="Also return every frame as IMAGE (float, about 4.8 MB per 832x480 frame). Turn "
-                                         "off for long streams: VIDEO is written to disk as it streams and IMAGE is then "
-                                         "only the last frame, so memory stays flat."),
+                io.Boolean.Input("return_all", default=True, optional=True,
+                                 tooltip="Return every frame as IMAGE (about 4.8 MB per 832x480 frame) and every latent frame "
+                                         "as LATENT. Turn off for long streams: VIDEO, written to disk as it streams, has the "
+                                         "whole video, while IMAGE and LATENT hold only the last chunk, so memory stays flat."),
             ],
             outputs=[
                 io.Latent.Output(display_name="LATENT"),
@@ -67,19 +68,25 @@ class StreamSampler(io.ComfyNode):
     @classmethod
     def execute(cls, model, seed, width, height, length, frames_per_chunk, denoising_steps, shift, window, sink,
                 sink_positions, fps, positive=None, timeline=None, vae=None, start_image=None,
-                return_frames=True) -> io.NodeOutput:
+                return_all=True) -> io.NodeOutput:
         settings = stream_settings(frames_per_chunk, denoising_steps, shift, window, sink, sink_positions,
                                    timeline["switch"] if timeline else "recache")
         h, w = latent_size_for(height, width)
         total = latent_frames_for(length)
-        backbone = bridge.wan_backbone(model)
-        prompts = _timeline(timeline, positive, backbone.config, fps, frames_per_chunk)
+        _, config = bridge.wan_dit(model)
+        prompts = _timeline(timeline, positive, config, fps, frames_per_chunk)
         prefix = _start_latent(vae, start_image, width, height) if start_image is not None else None
-        bridge.cache_fits(backbone, 1, h, w, settings.window or total)
-        decoder = bridge.stream_decoder(vae).stream_decoder() if vae is not None else None
+        decoder = bridge.stream_decoder(vae) if vae is not None else None
+        capacity = settings.window or total
+        cache_bytes = KVCache.estimate_bytes(config, 1, h, w, capacity, bridge.compute_dtype(model))
+        bridge.load([model], memory_required=cache_bytes + (bridge.module_bytes(decoder) if decoder else 0))
+        backbone = bridge.wan_backbone(model)
+        what = f"a KV cache of {capacity} latent frames" + ("" if settings.window else " (the whole video)")
+        bridge.check_room(backbone, cache_bytes, what)
         generated = total - (0 if prefix is None else prefix.shape[2])
         stream = Stream(backbone, prompts, latent_height=h, latent_width=w, num_frames=generated, settings=settings,
                         generator=torch.Generator().manual_seed(seed), prefix=prefix)
+        decoder = decoder.stream_decoder() if decoder is not None else None
         n = stream.num_chunks + (prefix is not None)
         live = bridge.LiveProgress(cls.hidden.unique_id, n, fps)
         latents, frames, count = [], [], 0
@@ -91,18 +98,20 @@ class StreamSampler(io.ComfyNode):
                 for i, step in enumerate(steps, 1):
                     mm.throw_exception_if_processing_interrupted()
                     log.debug("self-forcing chunk %d/%d clean at monotonic %.6f", i, n, step.clean_at)
+                    if not return_all:
+                        latents.clear()
+                        frames.clear()
                     latents.append(step.chunk.latents.float().cpu())
                     shown = step.frames if step.frames is not None else _upscale(
                         bridge.latent_preview(step.chunk.latents, model.model.latent_format), width, height)
                     writer.write(shown.numpy())
-                    if return_frames or step.chunk.last:
-                        frames.append(shown)
+                    frames.append(shown)
                     count += shown.shape[0]
                     live.status(f"chunk {i}/{n} · {count} frames · {count / (time.perf_counter() - start):.1f} FPS")
                     live.frames(i, shown, behind=lambda: steps.pending() > 0)
         finally:
             stream.close()
-        images = (torch.cat(frames) if return_frames else frames[-1][-1:]).float() / 255.0
+        images = torch.cat(frames).float() / 255.0
         return io.NodeOutput(bridge.to_latent(torch.cat(latents, dim=2)), images, InputImpl.VideoFromFile(str(path)))
 
 

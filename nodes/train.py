@@ -93,19 +93,22 @@ class TrainLoRA(io.ComfyNode):
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         checkpoint = ckpt_dir / f"{name}.ckpt.pt"
 
+        _, cfg = bridge.wan_dit(model)
+        bridge.wan_dit(teacher)
+        texts = torch.cat([bridge.text_from_conditioning(_encode(clip, p), cfg.text_dim, cfg.text_len) for p in lines])
+        negative = bridge.text_from_conditioning(_encode(clip, negative_prompt), cfg.text_dim, cfg.text_len)
         with torch.inference_mode(False), torch.enable_grad():
-            gen = bridge.wan_backbone(model)
-            tea = bridge.wan_backbone(teacher)
-            cfg = gen.config
-            texts = torch.cat([bridge.text_from_conditioning(_encode(clip, p), cfg.text_dim, cfg.text_len) for p in lines])
-            negative = bridge.text_from_conditioning(_encode(clip, negative_prompt), cfg.text_dim, cfg.text_len)
+            bridge.load([model, teacher], full=True)  # both resident: training cannot stream weights
+            gen, tea = bridge.wan_backbone(model), bridge.wan_backbone(teacher)
             for b in (gen, tea):
                 _make_trainable(b.dit)
             trainer = Trainer(gen.dit, tea.dit, texts, negative, settings, dtype=gen.dtype)
             try:
+                live = bridge.LiveProgress(cls.hidden.unique_id, iterations)
                 if resume and checkpoint.is_file():
                     trainer.resume(checkpoint)
-                live = bridge.LiveProgress(cls.hidden.unique_id, iterations)
+                    live.status(f"resumed {checkpoint.name} at iteration {trainer.iteration}/{iterations}"
+                                + (" - nothing left to train: raise iterations to continue" if trainer.iteration >= iterations else ""))
                 history: list[dict] = []
                 cancelled = []
 

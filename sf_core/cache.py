@@ -10,7 +10,7 @@ Keys are stored after RoPE at their absolute frame index, so attention over the 
 With `sink_positions="adjacent"` (LongLive's window-relative positions) the sink frames are seen as if
 they came right before the window: their keys are moved once per chunk, from a pristine copy, by
 R(delta) with delta = first window frame - sink size (only the frame pairs of RoPE; exact, no drift).
-All slot arithmetic is host-side Python on integers: the hot path never syncs the device.
+All slot arithmetic is host-side Python on integers: no cache operation waits for the device.
 
 A cache plan (`CacheWrite`, `CacheRead`, `Recache`) tells the backbone what one forward reads and writes.
 """
@@ -160,7 +160,9 @@ class KVCache:
                           self.sink_shift_for(start + count))
 
     def read_plan(self, start: int, count: int) -> "CacheRead":
-        """Like write_plan but leaves the cache untouched (a forward that builds a graph for backward)."""
+        """Like write_plan but does not store this chunk's K/V (a forward that builds a graph for backward).
+        Keys are read by concatenating the valid slots with the fresh ones: a copy per layer, fine for
+        training (one such forward per chunk and iteration) and never used at inference."""
         return CacheRead(self, self.runs(start, count), self.valid_slots(start + count), self.sink_shift_for(start + count))
 
     def store_latents(self, start: int, latents: torch.Tensor) -> None:

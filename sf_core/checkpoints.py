@@ -259,7 +259,7 @@ def check_dit_file(path: str | os.PathLike) -> str:
     if path.is_dir() or path.suffix.lower() in SAFETENSORS_SUFFIXES:
         keys = peek_keys(path)
     else:
-        keys, _ = _pick_nested(read_state_dict(path), str(path))  # memory-mapped: no data is read
+        keys, _ = _pick_nested(read_state_dict(path), str(path))  # zip .pt files are memory-mapped, not read
     return normalize_keys(dict.fromkeys(keys), str(path))[1]
 
 

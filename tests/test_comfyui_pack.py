@@ -177,13 +177,13 @@ def test_previews_stream_during_sampling(comfy):
 
 def test_long_streams_keep_memory_flat_without_frames(comfy):
     server, files = comfy
-    g = _t2v(files, length=49, seed=51, window=6, sink=1, return_frames=False)
+    g = _t2v(files, length=49, seed=51, window=6, sink=1, return_all=False)  # chunks of 3,3,3,3,1 latent frames
     g["7"] = {"class_type": "SaveVideo", "inputs": {"video": ["5", 2], "filename_prefix": "flat/v", "format": "auto",
                                                     "codec": "auto"}}
-    g["8"] = {"class_type": "SFTestTensorInfo", "inputs": {"image": ["5", 1]}}
+    g["8"] = {"class_type": "SFTestTensorInfo", "inputs": {"image": ["5", 1], "latent": ["5", 0]}}
     entry = _run(server, g)
     info = json.loads(entry["outputs"]["8"]["info"][0])
-    assert info["image"]["shape"][0] == 1  # only the last frame is kept
+    assert info["image"]["shape"][0] == 4 and info["latent"]["samples"]["shape"][2] == 1  # only the last chunk
     videos = [f for f in server.output_files(entry) if f.suffix == ".mp4"]
     assert len(videos) == 1 and _frames(videos[0]) == 49  # the whole stream went to disk
 

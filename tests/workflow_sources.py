@@ -42,7 +42,7 @@ WORKFLOWS = {
         "4": {"class_type": "VAELoader", "inputs": {"vae_name": VAE}},
         "5": {"class_type": "SelfForcingStreamSampler",
               "inputs": {"model": ["1", 0], "timeline": ["3", 0], "vae": ["4", 0],
-                         **{**SAMPLER, "length": 385, "window": 12, "sink": 3}, "return_frames": False}},
+                         **{**SAMPLER, "length": 385, "window": 12, "sink": 3}, "return_all": False}},
         "6": _save(["5", 2], "self_forcing/long"),
     },
     "self_forcing_image_to_video": {
