@@ -29,17 +29,25 @@ FP8_DTYPES = tuple(
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 
 
+def check_weights_file(path: str | os.PathLike, what: str = "weights") -> Path:
+    """A clear CheckpointError for a folder, a missing file or an empty (interrupted) download."""
+    path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a folder; give the {what} file")
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path}: the file is empty (an interrupted download?)")
+    return path
+
+
 def read_state_dict(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict:
     """Read a safetensors or torch-pickle file into a dict (nested dicts kept for .pt files).
 
     Pickles load with ``weights_only=True``. A missing, truncated or foreign file raises
     CheckpointError naming the file.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such file")
-    if path.stat().st_size == 0:
-        raise CheckpointError(f"{path}: the file is empty (an interrupted download?)")
+    path = check_weights_file(path)
     suffix = path.suffix.lower()
     if suffix in SAFETENSORS_SUFFIXES:
         from safetensors import SafetensorError

@@ -45,7 +45,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import CheckpointError, SelfForcingError
-from ..io import FP8_DTYPES, PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, read_state_dict
+from ..io import FP8_DTYPES, PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, check_weights_file, read_state_dict
 from .tokenizer import DEFAULT_LENGTH, Tokenizer, TokenizerSource, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -342,13 +342,7 @@ class _DictReader:
 
 @contextlib.contextmanager
 def _open_weights(path: str | os.PathLike) -> Iterator[_SafetensorsReader | _DictReader]:
-    path = Path(path)
-    if path.is_dir():
-        raise CheckpointError(f"{path}: is a folder; give the text encoder's weights file (e.g. umt5_xxl_fp16.safetensors)")
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such file")
-    if path.stat().st_size == 0:
-        raise CheckpointError(f"{path}: the file is empty (an interrupted download?)")
+    path = check_weights_file(path, "text encoder's weights (e.g. umt5_xxl_fp16.safetensors)")
     suffix = path.suffix.lower()
     if suffix in SAFETENSORS_SUFFIXES:
         reader = _SafetensorsReader(path)

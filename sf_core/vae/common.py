@@ -96,6 +96,43 @@ def check_latent(x: object, channels: int, what: str = "latent") -> torch.Tensor
 # --------------------------------------------------------------------------------------------
 # Streaming base
 # --------------------------------------------------------------------------------------------
+class VideoAutoencoder(nn.Module):
+    """What the Wan VAE and TAEHV share: strides and latent channels from their config, device and dtype
+    from `_anchor` (a weight of the decoder), and the frame count of a decode."""
+
+    kind = ""
+
+    @property
+    def _anchor(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    @property
+    def latent_channels(self) -> int:
+        return self.config.latent_channels
+
+    @property
+    def temporal_stride(self) -> int:
+        return self.config.temporal_stride
+
+    @property
+    def spatial_stride(self) -> int:
+        return self.config.spatial_stride
+
+    @property
+    def device(self) -> torch.device:
+        return self._anchor.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._anchor.dtype
+
+    def num_frames(self, latent_frames: int) -> int:
+        """Video frames decoded from `latent_frames` latent frames: 1 + stride * (t - 1)."""
+        if latent_frames < 1:
+            raise SelfForcingError(f"need at least one latent frame, got {latent_frames}")
+        return 1 + self.temporal_stride * (latent_frames - 1)
+
+
 class StreamDecoderBase:
     """Shared bookkeeping of a stream: input checks, chunk-to-chunk consistency and counters.
 

@@ -28,6 +28,7 @@ from torch import nn
 from ..errors import CheckpointError, SelfForcingError
 from ..latents import denormalize
 from .common import (
+    VideoAutoencoder,
     StreamDecoderBase,
     check_latent,
     check_strict,
@@ -154,7 +155,7 @@ def _apply(seq: nn.Sequential, x: torch.Tensor, b: int, memory: list | None) -> 
     return x
 
 
-class TAEHV(nn.Module):
+class TAEHV(VideoAutoencoder):
     """The TAEHV tiny autoencoder; the decoder follows the `VideoDecoder` interface."""
 
     kind = "taehv"
@@ -167,35 +168,13 @@ class TAEHV(nn.Module):
         self.decoder = _build_decoder(config)
 
     @property
-    def latent_channels(self) -> int:
-        return self.config.latent_channels
-
-    @property
-    def temporal_stride(self) -> int:
-        return self.config.temporal_stride
-
-    @property
-    def spatial_stride(self) -> int:
-        return self.config.spatial_stride
-
-    @property
     def frames_to_trim(self) -> int:
         """Leading frames the raw decoder output has beyond the Wan VAE's (3 for Wan2.1)."""
         return self.temporal_stride - 1
 
     @property
-    def device(self) -> torch.device:
-        return self.decoder[1].weight.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.decoder[1].weight.dtype
-
-    def num_frames(self, latent_frames: int) -> int:
-        """Video frames decoded from `latent_frames` latent frames: 1 + 4 * (t - 1)."""
-        if latent_frames < 1:
-            raise SelfForcingError(f"need at least one latent frame, got {latent_frames}")
-        return 1 + self.temporal_stride * (latent_frames - 1)
+    def _anchor(self) -> torch.Tensor:
+        return self.decoder[1].weight
 
     # -- decode --------------------------------------------------------------------------
     def stream_decoder(self, latents_per_step: int | None = 1) -> "TAEHVStreamDecoder":

@@ -29,6 +29,7 @@ from torch import nn
 from ..errors import CheckpointError, SelfForcingError
 from ..latents import normalize
 from .common import (
+    VideoAutoencoder,
     StreamDecoderBase,
     check_latent,
     check_strict,
@@ -58,6 +59,10 @@ class WanVAEConfig:
     def __post_init__(self):
         if len(self.temporal_downsample) != len(self.dim_mult) - 1:
             raise ValueError("temporal_downsample needs one entry per level transition (len(dim_mult) - 1)")
+
+    @property
+    def latent_channels(self) -> int:
+        return self.z_dim
 
     @property
     def spatial_stride(self) -> int:
@@ -335,7 +340,7 @@ class Decoder3d(nn.Module):
 # --------------------------------------------------------------------------------------------
 # The VAE
 # --------------------------------------------------------------------------------------------
-class WanVAE(nn.Module):
+class WanVAE(VideoAutoencoder):
     """Wan2.1 VAE. Build with a `WanVAEConfig`, or load with `WanVAE.from_state_dict` /
     `sf_core.vae.load_vae`. With ``config.has_encoder = False`` only the decoder is built."""
 
@@ -351,32 +356,9 @@ class WanVAE(nn.Module):
         self.conv2 = CausalConv3d(z, z, 1)
         self.decoder = Decoder3d(config)
 
-    # -- facts ---------------------------------------------------------------------------
     @property
-    def latent_channels(self) -> int:
-        return self.config.z_dim
-
-    @property
-    def temporal_stride(self) -> int:
-        return self.config.temporal_stride
-
-    @property
-    def spatial_stride(self) -> int:
-        return self.config.spatial_stride
-
-    @property
-    def device(self) -> torch.device:
-        return self.conv2.weight.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.conv2.weight.dtype
-
-    def num_frames(self, latent_frames: int) -> int:
-        """Video frames decoded from `latent_frames` latent frames: 1 + stride * (t - 1)."""
-        if latent_frames < 1:
-            raise SelfForcingError(f"need at least one latent frame, got {latent_frames}")
-        return 1 + self.temporal_stride * (latent_frames - 1)
+    def _anchor(self) -> torch.Tensor:
+        return self.conv2.weight
 
     # -- encode --------------------------------------------------------------------------
     def encode(self, video: torch.Tensor) -> torch.Tensor:
