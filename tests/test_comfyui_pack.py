@@ -315,3 +315,18 @@ def test_training_node_saves_a_checkpoint_when_cancelled(comfy):
     assert not (server.model_dirs["loras"] / "cancelled_run.safetensors").exists()
     texts = [m.text for m in ws.progress_texts("4")]
     assert any("critic" in t for t in texts)  # the loss is shown on the node
+
+
+def test_fp8_weights_and_requeue_caching(comfy):
+    server, files = comfy
+    base = _latents(server, _run(server, _t2v(files, vae=False, seed=71)))
+    fp8 = _t2v(files, vae=False, seed=71)
+    fp8["1"]["inputs"]["weight_dtype"] = "fp8_e4m3fn"  # stock loader, weights stored in fp8
+    low = _latents(server, _run(server, fp8))
+    assert 0 < (low - base).abs().max() < 0.25 * base.abs().max()  # fp8 rounding, same video
+    with server.websocket() as ws:  # the same prompt again is served from ComfyUI's cache
+        pid = server.queue(fp8, client_id=ws.client_id)
+        server.wait(pid)
+        ws.wait_done(pid)
+    cached = [m for m in ws.json_messages("execution_cached") if m.data.get("prompt_id") == pid]
+    assert cached and "5" in cached[0].data["nodes"]
