@@ -5,11 +5,12 @@ from comfy_api.latest import ComfyExtension, io
 from .benchmark import Benchmark
 from .decode import StreamingDecode
 from .loader import LoadModel
+from .lora import LoadLoRA
 from .sampler import StreamSampler
 from .timeline import PromptTimeline
 from .train import TrainLoRA
 
-NODES = [LoadModel, PromptTimeline, StreamSampler, StreamingDecode, Benchmark, TrainLoRA]
+NODES = [LoadModel, LoadLoRA, PromptTimeline, StreamSampler, StreamingDecode, Benchmark, TrainLoRA]
 
 
 class SelfForcingExtension(ComfyExtension):

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.skipif(_skip is not None, reason=_skip or "")
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKFLOWS = sorted((ROOT / "workflows").glob("*.json"))
-NODES = ["SelfForcingLoadModel", "SelfForcingPromptTimeline", "SelfForcingStreamSampler",
+NODES = ["SelfForcingLoadModel", "SelfForcingLoadLoRA", "SelfForcingPromptTimeline", "SelfForcingStreamSampler",
          "SelfForcingStreamingDecode", "SelfForcingBenchmark", "SelfForcingTrainLoRA"]
 PROMPT = "a red fox runs over the snow"
 SMALL = {"width": 64, "height": 48}
@@ -69,6 +69,12 @@ def _write_lora_and_merged(server, dit_path):
             if p.abs().sum() == 0:  # B: make the LoRA do something
                 p.normal_(0, 0.05, generator=torch.Generator().manual_seed(1))
     lora.save(server.model_dirs["loras"] / "sf_test_lora.safetensors")
+    peft = {}  # the same LoRA as LongLive saves it: PEFT names, no alpha (alpha = rank), nested in a .pt
+    for path in lora.paths:
+        layer = lora.layer(path)
+        peft[f"base_model.model.{path}.lora_A.weight"] = layer.A.detach().clone()
+        peft[f"base_model.model.{path}.lora_B.weight"] = layer.B.detach().clone()
+    torch.save({"generator_lora": peft}, server.model_dirs["loras"] / "longlive_style_lora.pt")
     lora.merge(model)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()},
               str(server.model_dirs["diffusion_models"] / "tiny_merged.safetensors"))
@@ -217,7 +223,12 @@ def test_stock_lora_loader_equals_merged_weights(comfy):
     merged_graph["1"]["inputs"]["unet_name"] = "tiny_merged.safetensors"
     merged = _latents(server, _run(server, merged_graph))
     base = _latents(server, _run(server, _t2v(files, vae=False, seed=21)))
+    peft_graph = _t2v(files, model=["7", 0], vae=False, seed=21)
+    peft_graph["7"] = {"class_type": "SelfForcingLoadLoRA", "inputs": {
+        "model": ["1", 0], "lora_name": "longlive_style_lora.pt", "strength": 1.0, "alpha": 0.0}}
+    longlive = _latents(server, _run(server, peft_graph))
     assert "lora key not loaded" not in server.log_text()
+    assert (longlive - merged).abs().max() < 1e-4  # LongLive's PEFT layout applies like our own file
     assert (with_lora - merged).abs().max() < 1e-4
     assert (with_lora - base).abs().max() > 1e-2  # the LoRA changes the video
 
