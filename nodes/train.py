@@ -99,10 +99,10 @@ class TrainLoRA(io.ComfyNode):
         negative = bridge.text_from_conditioning(_encode(clip, negative_prompt), cfg.text_dim, cfg.text_len)
         with torch.inference_mode(False), torch.enable_grad():
             bridge.load([model, teacher], full=True)  # both resident: training cannot stream weights
-            gen, tea = bridge.wan_backbone(model), bridge.wan_backbone(teacher)
-            for b in (gen, tea):
-                _make_trainable(b.dit)
-            trainer = Trainer(gen.dit, tea.dit, texts, negative, settings, dtype=gen.dtype)
+            generator_dit, teacher_dit = bridge.wan_dit(model)[0], bridge.wan_dit(teacher)[0]
+            for dit in (generator_dit, teacher_dit):
+                _make_trainable(dit)
+            trainer = Trainer(generator_dit, teacher_dit, texts, negative, settings, dtype=bridge.compute_dtype(model))
             try:
                 live = bridge.LiveProgress(cls.hidden.unique_id, iterations)
                 if resume and checkpoint.is_file():

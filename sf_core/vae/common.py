@@ -132,6 +132,40 @@ class VideoAutoencoder(nn.Module):
             raise SelfForcingError(f"need at least one latent frame, got {latent_frames}")
         return 1 + self.temporal_stride * (latent_frames - 1)
 
+    # -- loading: subclasses give the file's name for messages and how to read a config off the weights
+    file_label = ""
+
+    @classmethod
+    def infer_config(cls, sd: Mapping[str, torch.Tensor], source: str):
+        raise NotImplementedError
+
+    @classmethod
+    def prepare_state_dict(cls, sd: Mapping[str, torch.Tensor], config) -> Mapping[str, torch.Tensor]:
+        """Adapt published variants of the layout to the module's (default: as is)."""
+        return sd
+
+    @classmethod
+    def from_state_dict(
+        cls,
+        sd: Mapping[str, torch.Tensor],
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        source: str = "state dict",
+        decoder_only: bool = False,
+    ):
+        """Infer the config, check names and shapes strictly, and load. With ``decoder_only`` the encoder
+        weights are checked but not kept (less memory)."""
+        import dataclasses
+
+        cfg = cls.infer_config(sd, source)
+        sd = cls.prepare_state_dict(sd, cfg)
+        with torch.device("meta"):
+            full = cls(cfg)
+        check_strict(sd, full, source, cls.file_label)
+        if decoder_only and cfg.has_encoder:
+            cfg = dataclasses.replace(cfg, has_encoder=False)
+        return materialize(lambda: cls(cfg), sd, device, dtype)
+
 
 class StreamDecoderBase:
     """Shared bookkeeping of a stream: input checks, chunk-to-chunk consistency and counters.

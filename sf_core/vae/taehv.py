@@ -17,7 +17,6 @@ Shapes: decode(mu) / decode_normalized(z): [B, 16, t, h, w] -> [B, 3, 1 + 4(t - 
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -31,10 +30,8 @@ from .common import (
     VideoAutoencoder,
     StreamDecoderBase,
     check_latent,
-    check_strict,
     describe_state_dict,
     init_random_,
-    materialize,
     to_normalized,
 )
 
@@ -237,24 +234,15 @@ class TAEHV(VideoAutoencoder):
         return denormalize(z.float()).to(z.dtype)
 
     # -- loading -------------------------------------------------------------------------
+    file_label = "TAEHV (taew2_1)"
+
     @classmethod
-    def from_state_dict(
-        cls,
-        sd: Mapping[str, torch.Tensor],
-        device: str | torch.device = "cpu",
-        dtype: torch.dtype = torch.float32,
-        source: str = "state dict",
-        decoder_only: bool = False,
-    ) -> "TAEHV":
-        """Infer the config, patch the TGrow layout if needed, check names and shapes strictly, load."""
-        cfg = infer_taehv_config(sd, source)
-        sd = patch_tgrow(sd, cfg)
-        with torch.device("meta"):
-            full = cls(cfg)
-        check_strict(sd, full, source, "TAEHV (taew2_1)")
-        if decoder_only and cfg.has_encoder:
-            cfg = dataclasses.replace(cfg, has_encoder=False)
-        return materialize(lambda: cls(cfg), sd, device, dtype)
+    def infer_config(cls, sd, source):
+        return infer_taehv_config(sd, source)
+
+    @classmethod
+    def prepare_state_dict(cls, sd, config):
+        return patch_tgrow(sd, config)
 
 
 class TAEHVStreamDecoder(StreamDecoderBase):

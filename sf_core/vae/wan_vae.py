@@ -18,7 +18,6 @@ later one four); the temporal downsamplers (encoder) do the mirror image.
 from __future__ import annotations
 
 import re
-import dataclasses
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -32,10 +31,8 @@ from .common import (
     VideoAutoencoder,
     StreamDecoderBase,
     check_latent,
-    check_strict,
     describe_state_dict,
     init_random_,
-    materialize,
     to_unnormalized,
 )
 
@@ -432,26 +429,11 @@ class WanVAE(VideoAutoencoder):
         return WanStreamDecoder(self)
 
     # -- loading -------------------------------------------------------------------------
-    @classmethod
-    def from_state_dict(
-        cls,
-        sd: Mapping[str, torch.Tensor],
-        device: str | torch.device = "cpu",
-        dtype: torch.dtype = torch.float32,
-        source: str = "state dict",
-        decoder_only: bool = False,
-    ) -> "WanVAE":
-        """Infer the config, check names and shapes strictly, and load.
+    file_label = "Wan2.1 VAE"
 
-        With ``decoder_only`` the encoder weights are checked but not kept (less memory).
-        """
-        cfg = infer_wan_vae_config(sd, source)
-        with torch.device("meta"):
-            full = cls(cfg)
-        check_strict(sd, full, source, "Wan2.1 VAE")
-        if decoder_only and cfg.has_encoder:
-            cfg = dataclasses.replace(cfg, has_encoder=False)
-        return materialize(lambda: cls(cfg), sd, device, dtype)
+    @classmethod
+    def infer_config(cls, sd, source):
+        return infer_wan_vae_config(sd, source)
 
 
 class WanStreamDecoder(StreamDecoderBase):
