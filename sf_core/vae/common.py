@@ -222,6 +222,125 @@ class StreamDecoderBase:
         return out
 
 
+class StreamEncoderBase:
+    """Encodes one video as its frames arrive, with causal state: the latents of all calls (and of
+    `flush()`) concatenated equal a whole-video encode.
+
+    ``encode(video)`` takes pixels [B, 3, n, H, W] in [-1, 1] for any n >= 0 and returns the latents
+    [B, 16, m, H/8, W/8] of every frame group completed so far (m may be 0); frames of an unfinished
+    group wait for the next call. ``encode_normalized`` returns the DiT's normalised latents.
+    Subclasses give the group sizes and ``_encode_groups(x, sizes)`` for a run of complete groups.
+    """
+
+    def __init__(self, model: nn.Module, latent_channels: int, spatial_stride: int):
+        self._model = model
+        self._channels = latent_channels
+        self._stride = spatial_stride
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget everything: the next frames start a new video."""
+        self._geometry: tuple[int, int, int] | None = None
+        self._pending: torch.Tensor | None = None  # frames of the unfinished group [B, 3, k, H, W]
+        self.frames_in = 0
+        self.latents_out = 0
+        self._reset_state()
+
+    @property
+    def pending(self) -> int:
+        """Frames received that belong to a group not complete yet."""
+        return 0 if self._pending is None else self._pending.shape[2]
+
+    def _reset_state(self) -> None:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def _group_size(self, index: int) -> int:  # pragma: no cover - overridden
+        """Frames of latent frame `index`."""
+        raise NotImplementedError
+
+    def _encode_groups(self, x: torch.Tensor, sizes: list[int], normalized: bool) -> torch.Tensor:  # pragma: no cover
+        """Frames [B, 3, sum(sizes), H, W] on the model's device/dtype, in [-1, 1] -> latents [B, 16, len(sizes), h, w]."""
+        raise NotImplementedError
+
+    def _check(self, video: torch.Tensor) -> torch.Tensor:
+        if not isinstance(video, torch.Tensor) or video.ndim != 5 or video.shape[1] != 3:
+            shape = tuple(video.shape) if isinstance(video, torch.Tensor) else type(video).__name__
+            raise SelfForcingError(f"encode: expected video frames [B, 3, n, H, W] in [-1, 1], got {shape}")
+        b, _, _, h, w = video.shape
+        if h % self._stride or w % self._stride:
+            raise SelfForcingError(f"encode: frame size {w}x{h} (WxH) must be a multiple of {self._stride}")
+        if self._geometry is not None and self._geometry != (b, h, w):
+            pb, ph, pw = self._geometry
+            raise SelfForcingError(
+                f"encode: this stream started with batch {pb} and frames of {pw}x{ph} (WxH), got batch {b} and "
+                f"{w}x{h}; call reset() to start a new video"
+            )
+        self._geometry = (b, h, w)
+        return video
+
+    def _empty(self) -> torch.Tensor:
+        b, h, w = self._geometry
+        s = self._stride
+        return torch.zeros(b, self._channels, 0, h // s, w // s, device=self._model_device(), dtype=self._model_dtype())
+
+    def _model_device(self) -> torch.device:
+        return next(self._model.parameters()).device
+
+    def _model_dtype(self) -> torch.dtype:
+        return next(self._model.parameters()).dtype
+
+    def encode(self, video: torch.Tensor) -> torch.Tensor:
+        """Frames [B, 3, n, H, W] in [-1, 1] -> un-normalised mu [B, 16, m, H/8, W/8] of the groups completed."""
+        return self._encode(video, normalized=False)
+
+    def encode_normalized(self, video: torch.Tensor) -> torch.Tensor:
+        """Frames [B, 3, n, H, W] in [-1, 1] -> normalised (DiT) z [B, 16, m, H/8, W/8] of the groups completed."""
+        return self._encode(video, normalized=True)
+
+    def _encode(self, video: torch.Tensor, normalized: bool) -> torch.Tensor:
+        video = self._check(video)
+        x = video.to(device=self._model_device(), dtype=self._model_dtype())
+        if self._pending is not None:
+            x = torch.cat([self._pending, x], dim=2)
+        self.frames_in += video.shape[2]
+        sizes, used = [], 0
+        while True:
+            size = self._group_size(self.latents_out + len(sizes))
+            if used + size > x.shape[2]:
+                break
+            sizes.append(size)
+            used += size
+        self._pending = x[:, :, used:].clone() if used < x.shape[2] else None
+        if not sizes:
+            return self._empty()
+        with torch.no_grad():
+            out = self._encode_groups(x[:, :, :used], sizes, normalized)
+        self.latents_out += len(sizes)
+        return out
+
+    def flush(self) -> torch.Tensor:
+        """The video has ended: latents [B, 16, m, h, w] (un-normalised) of the frames still waiting, padded as
+        the whole encode pads them, or none when the encoder does not pad (see the subclass)."""
+        return self._flush(normalized=False)
+
+    def flush_normalized(self) -> torch.Tensor:
+        """`flush` as normalised (DiT) latents."""
+        return self._flush(normalized=True)
+
+    def _flush(self, normalized: bool) -> torch.Tensor:
+        if self._geometry is None:
+            raise SelfForcingError("flush: no frames were encoded")
+        if self._pending is None:
+            return self._empty()
+        with torch.no_grad():
+            out = self._flush_pending(normalized)
+        self._pending = None
+        return out
+
+    def _flush_pending(self, normalized: bool) -> torch.Tensor:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+
 def to_normalized(x: torch.Tensor, normalized: bool, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """Latent -> normalised latent z on (device, dtype); conversion in float32."""
     x = x.to(device=device, dtype=torch.float32)

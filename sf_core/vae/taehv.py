@@ -29,6 +29,7 @@ from ..latents import denormalize
 from .common import (
     VideoAutoencoder,
     StreamDecoderBase,
+    StreamEncoderBase,
     check_latent,
     describe_state_dict,
     init_random_,
@@ -215,18 +216,34 @@ class TAEHV(VideoAutoencoder):
         ss = self.spatial_stride
         if h % ss or w % ss:
             raise SelfForcingError(f"encode: frame size {w}x{h} (WxH) must be a multiple of {ss}")
-        stride = 2 ** sum(self.config.encoder_time_downscale)
+        stride = self.encoder_time_stride
         with torch.no_grad():
-            x = (video.to(self.device, self.dtype) + 1) / 2
+            x = video.to(self.device, self.dtype)
             if t % stride:
                 x = torch.cat([x, x[:, :, -1:].expand(-1, -1, stride - t % stride, -1, -1)], dim=2)
-            t2 = x.shape[2]
-            x = x.permute(0, 2, 1, 3, 4).reshape(b * t2, 3, h, w)
-            if self.config.patch_size > 1:
-                x = F.pixel_unshuffle(x, self.config.patch_size)
-            y = _apply(self.encoder, x, b, None)
-            _, c, lh, lw = y.shape
-            return y.reshape(b, -1, c, lh, lw).permute(0, 2, 1, 3, 4)
+            return self._encode_frames(x, None)
+
+    @property
+    def encoder_time_stride(self) -> int:
+        """Video frames per latent frame of the encoder (4 for Wan2.1)."""
+        return 2 ** sum(self.config.encoder_time_downscale)
+
+    def _encode_frames(self, x: torch.Tensor, memory: list | None) -> torch.Tensor:
+        """Frames [B, 3, T, H, W] in [-1, 1] on the model's device/dtype, T a multiple of the time stride ->
+        normalised z [B, 16, T / stride, H/8, W/8]; `memory` carries the memory blocks' last inputs."""
+        b, _, t, h, w = x.shape
+        x = ((x + 1) / 2).permute(0, 2, 1, 3, 4).reshape(b * t, 3, h, w)
+        if self.config.patch_size > 1:
+            x = F.pixel_unshuffle(x, self.config.patch_size)
+        y = _apply(self.encoder, x, b, memory)
+        _, c, lh, lw = y.shape
+        return y.reshape(b, -1, c, lh, lw).permute(0, 2, 1, 3, 4)
+
+    def stream_encoder(self) -> "TAEHVStreamEncoder":
+        """A new encoding stream: feed frames as they arrive; see `TAEHVStreamEncoder`."""
+        if not self.config.has_encoder:
+            raise SelfForcingError("this TAEHV was loaded without its encoder")
+        return TAEHVStreamEncoder(self)
 
     def encode(self, video: torch.Tensor) -> torch.Tensor:
         """video [B, 3, T, H, W] in [-1, 1] -> un-normalised mu (Wan VAE convention)."""
@@ -278,6 +295,36 @@ class TAEHVStreamDecoder(StreamDecoderBase):
             outs.append(y)
         y = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
         return _to_pixels(y)
+
+
+class TAEHVStreamEncoder(StreamEncoderBase):
+    """Encodes one video as its frames arrive with TAEHV; see `StreamEncoderBase`.
+
+    Latent frame k comes from frames 4k .. 4k + 3 (the published grouping), so a latent frame is ready once
+    its 4 frames are in: fed 1 + 4k frames and then 4k at a time, each call returns k latent frames and one
+    frame waits. `flush()` pads the last group by repeating its last frame, as the whole encode does.
+    State: each memory block's input at the last frame.
+    """
+
+    def __init__(self, model: TAEHV):
+        self.model = model
+        super().__init__(model, model.latent_channels, model.spatial_stride)
+
+    def _reset_state(self) -> None:
+        self._memory: list = [None] * len(self.model.encoder)
+
+    def _group_size(self, index: int) -> int:
+        return self.model.encoder_time_stride
+
+    def _encode_groups(self, x: torch.Tensor, sizes: list[int], normalized: bool) -> torch.Tensor:
+        z = self.model._encode_frames(x, self._memory)
+        return z if normalized else denormalize(z.float()).to(z.dtype)
+
+    def _flush_pending(self, normalized: bool) -> torch.Tensor:
+        x = self._pending
+        x = torch.cat([x, x[:, :, -1:].expand(-1, -1, self.model.encoder_time_stride - x.shape[2], -1, -1)], dim=2)
+        self.latents_out += 1
+        return self._encode_groups(x, [x.shape[2]], normalized)
 
 
 def _to_pixels(y: torch.Tensor) -> torch.Tensor:

@@ -30,6 +30,7 @@ from ..latents import normalize
 from .common import (
     VideoAutoencoder,
     StreamDecoderBase,
+    StreamEncoderBase,
     check_latent,
     describe_state_dict,
     init_random_,
@@ -365,19 +366,7 @@ class WanVAE(VideoAutoencoder):
         """
         if not self.config.has_encoder:
             raise SelfForcingError("this Wan VAE was loaded without its encoder (use load_vae for encoding)")
-        video = self._check_video(video)
-        ts = self.temporal_stride
-        state = CausalState()
-        outs = []
-        with torch.no_grad():
-            start = 0
-            while start < video.shape[2]:
-                n = 1 if start == 0 else ts
-                state.rewind()
-                outs.append(self.encoder(video[:, :, start : start + n], state))
-                start += n
-            h = self.conv1(torch.cat(outs, dim=2))
-        return h[:, : self.config.z_dim]
+        return self.stream_encoder().encode(self._check_video(video))
 
     def encode_normalized(self, video: torch.Tensor) -> torch.Tensor:
         """video [B, 3, 1 + 4k, H, W] in [-1, 1] -> normalised (DiT) z [B, 16, 1 + k, H/8, W/8]."""
@@ -424,6 +413,12 @@ class WanVAE(VideoAutoencoder):
             x = self.conv2(mu.to(device=self.device, dtype=self.dtype))
             return self.decoder(x, CausalState()).clamp_(-1.0, 1.0)
 
+    def stream_encoder(self) -> "WanStreamEncoder":
+        """A new encoding stream: feed frames as they arrive (first 1 + 4k, then 4k at a time, or any split)."""
+        if not self.config.has_encoder:
+            raise SelfForcingError("this Wan VAE was loaded without its encoder (use load_vae for encoding)")
+        return WanStreamEncoder(self)
+
     def stream_decoder(self) -> "WanStreamDecoder":
         """A new stream: feed latent chunks of any size in order, get their frames at once."""
         return WanStreamDecoder(self)
@@ -460,6 +455,39 @@ class WanStreamDecoder(StreamDecoderBase):
             outs.append(vae.decoder(mu[:, :, i : i + 1], self._state))
         out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
         return out.clamp_(-1.0, 1.0)
+
+
+class WanStreamEncoder(StreamEncoderBase):
+    """Encodes one video as its frames arrive with the Wan VAE; see `StreamEncoderBase`.
+
+    Latent frame 0 comes from frame 0 alone, each later one from the next 4 frames, every group with the
+    kept causal state, exactly as the whole-video encode consumes them. Frames after the last complete
+    group when the video ends cannot form a latent frame: `flush()` drops them (counted in `dropped`).
+    """
+
+    def __init__(self, vae: WanVAE):
+        self.vae = vae
+        super().__init__(vae, vae.config.z_dim, vae.spatial_stride)
+
+    def _reset_state(self) -> None:
+        self._state = CausalState()
+        self.dropped = 0
+
+    def _group_size(self, index: int) -> int:
+        return 1 if index == 0 else self.vae.temporal_stride
+
+    def _encode_groups(self, x: torch.Tensor, sizes: list[int], normalized: bool) -> torch.Tensor:
+        outs, start = [], 0
+        for n in sizes:
+            self._state.rewind()
+            outs.append(self.vae.encoder(x[:, :, start : start + n], self._state))
+            start += n
+        mu = self.vae.conv1(outs[0] if len(outs) == 1 else torch.cat(outs, dim=2))[:, : self.vae.config.z_dim]
+        return normalize(mu.float()).to(mu.dtype) if normalized else mu
+
+    def _flush_pending(self, normalized: bool) -> torch.Tensor:
+        self.dropped += self.pending
+        return self._empty()
 
 
 # --------------------------------------------------------------------------------------------
