@@ -74,3 +74,25 @@ def x0_to_flow(x_t: torch.Tensor, x0: torch.Tensor, sigma) -> torch.Tensor:
 def frame_sigma(sigma: torch.Tensor) -> torch.Tensor:
     """Per-frame sigmas [B, F] -> [B, 1, F, 1, 1] to broadcast against latents [B, C, F, H, W]."""
     return sigma[:, None, :, None, None]
+
+
+def restyle_steps(steps: Sequence[float], strength: float | None = None, start_step: int | None = None) -> tuple[float, ...]:
+    """The denoising steps of a video-to-video chunk (before warping), SDEdit style.
+
+    start_step k: begin at the k-th step of `steps` (0: all of them, len(steps): none, the input is kept).
+    strength s in [0, 1]: begin at step level round(1000 s) on the same scale as `steps`, then the steps of the
+    list below it; 1 gives `steps` itself (text-to-video: the chunk starts from pure noise), 0 gives no step.
+    """
+    if start_step is not None:
+        if not 0 <= start_step <= len(steps):
+            raise ValueError(f"start step {start_step} is outside 0..{len(steps)} (the step list has {len(steps)} steps)")
+        return tuple(steps[start_step:])
+    s = 1.0 if strength is None else float(strength)
+    if not 0.0 <= s <= 1.0:
+        raise ValueError(f"strength must lie in [0, 1], got {strength}")
+    if s == 1.0:
+        return tuple(float(x) for x in steps)
+    level = round(s * NUM_TRAIN_TIMESTEPS)
+    if level <= 0:
+        return ()
+    return (float(level),) + tuple(float(x) for x in steps if x < level)

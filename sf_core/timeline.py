@@ -6,16 +6,23 @@
 
 A single line without a tag is one prompt for the whole video. Times map to the chunk holding that
 video frame (16 fps, 4 video frames per latent frame, `frames_per_chunk` latent frames per chunk).
+
+The keyframe schedules of ComfyUI prompt-schedule nodes (FizzNodes' Batch Prompt Schedule and its kin) are
+read too, keyed by video frame, with or without the braces:
+
+    "0": "a red fox trots through fresh snow",
+    "48": "the fox stops and looks straight into the camera"
 Parsing (`parse_entries`) needs no sampler settings; `resolve` maps entries to chunks once they are known.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 
 from .errors import SelfForcingError
-from .stream import chunk_at_seconds
+from .stream import chunk_at_frame, chunk_at_seconds
 
 _TAG = re.compile(r"^\s*(?:(?P<sec>\d+(?:\.\d+)?)\s*s|#\s*(?P<chunk>\d+)|chunk\s+(?P<chunk2>\d+))\s*:\s*(?P<text>.*)$", re.I)
 
@@ -24,16 +31,62 @@ _TAG = re.compile(r"^\s*(?:(?P<sec>\d+(?:\.\d+)?)\s*s|#\s*(?P<chunk>\d+)|chunk\s
 class Entry:
     prompt: str
     seconds: float | None = None  # start time, or
-    chunk: int | None = None  # start chunk
+    chunk: int | None = None  # start chunk, or
+    frame: int | None = None  # start video frame (keyframe schedules)
 
     def start_chunk(self, fps: float, frames_per_chunk: int) -> int:
-        return self.chunk if self.chunk is not None else chunk_at_seconds(self.seconds, fps, frames_per_chunk)
+        if self.chunk is not None:
+            return self.chunk
+        if self.frame is not None:
+            return chunk_at_frame(self.frame, frames_per_chunk)
+        return chunk_at_seconds(self.seconds, fps, frames_per_chunk)
+
+
+_KEYFRAME_START = re.compile(r'^\s*(\{|"[^"]*"\s*:)')
+_KEYFRAME_HELP = 'write one \'"frame": "prompt",\' per keyframe, e.g. "0": "a red fox in the snow", "48": "a wolf"'
+
+
+def parse_keyframes(text: str) -> list[Entry]:
+    """A prompt-schedule keyframe list ('"0": "...", "48": "..."', braces optional) -> entries by video frame."""
+    body = text.strip()
+    if body.startswith("{") and body.endswith("}"):
+        body = body[1:-1]
+    body = body.strip().rstrip(",")
+    pairs: list = []
+    try:
+        json.loads("{" + body + "}", object_pairs_hook=lambda kv: pairs.extend(kv) or {})
+    except json.JSONDecodeError as e:
+        raise SelfForcingError(
+            f"the keyframe schedule cannot be read at line {e.lineno} ({e.msg}): {_line(body, e.lineno)!r}; {_KEYFRAME_HELP}"
+        ) from None
+    entries, seen = [], set()
+    for key, value in pairs:
+        if not re.fullmatch(r"\s*\d+\s*", key):
+            raise SelfForcingError(f"keyframe {key!r} is not a frame number; {_KEYFRAME_HELP}")
+        frame = int(key)
+        if frame in seen:
+            raise SelfForcingError(f"keyframe {frame} appears twice in the schedule")
+        seen.add(frame)
+        if not isinstance(value, str) or not value.strip():
+            raise SelfForcingError(f"keyframe {frame} has no prompt text; {_KEYFRAME_HELP}")
+        entries.append(Entry(value.strip(), frame=frame))
+    if not entries:
+        raise SelfForcingError(f"the keyframe schedule is empty; {_KEYFRAME_HELP}")
+    return entries
+
+
+def _line(text: str, n: int) -> str:
+    lines = text.splitlines() or [""]
+    return lines[min(max(n, 1), len(lines)) - 1].strip()[:60]
 
 
 def parse_entries(text: str) -> list[Entry]:
+    """Timeline text (tagged lines or a keyframe schedule) -> entries, in the order written."""
     lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
     if not lines:
         raise SelfForcingError("the prompt is empty; write what the video should show")
+    if _KEYFRAME_START.match(lines[0]):
+        return parse_keyframes(text)
     if len(lines) == 1 and not _TAG.match(lines[0]):
         return [Entry(lines[0], seconds=0.0)]
     entries = []
@@ -41,7 +94,8 @@ def parse_entries(text: str) -> list[Entry]:
         m = _TAG.match(line)
         if not m:
             raise SelfForcingError(
-                f"timeline line {n} has no time: {line[:60]!r}; start each line with a time like '5s:' or a chunk like '#4:'"
+                f"timeline line {n} has no time: {line[:60]!r}; start each line with a time like '5s:' or a chunk "
+                "like '#4:', or write a keyframe schedule like '\"0\": \"...\", \"48\": \"...\"'"
             )
         if not m["text"].strip():
             raise SelfForcingError(f"timeline line {n} has a time but no prompt")
@@ -64,7 +118,7 @@ def resolve(entries: list[Entry], fps: float = 16.0, frames_per_chunk: int = 3) 
             )
         seen[c] = i
     if 0 not in seen:
-        raise SelfForcingError("the timeline must start at 0s (or #0)")
+        raise SelfForcingError("the timeline must start at 0s (or #0, or keyframe \"0\")")
     return starts
 
 
