@@ -1,8 +1,12 @@
-"""`python -m sf_core generate`: text -> streaming video -> MP4, written as the chunks arrive.
+"""`python -m sf_core generate`: text (+ a start image, or an input video) -> streaming video -> MP4, written
+as the chunks arrive.
 
 Every input is checked before heavy work (paths, sizes, what each file is), then: prompts are encoded
-(the text encoder is freed right after), the DiT streams chunks, each chunk is decoded at once by a
-streaming decoder (Wan VAE or TAEHV) and appended to the MP4 (and optionally to PNG frames).
+(the text encoder is freed right after, or kept with --interactive to encode prompts typed on standard input),
+the DiT streams chunks, each chunk is decoded at once by a streaming decoder (Wan VAE or TAEHV) and appended
+to the MP4 (and optionally to PNG frames). With --input-video the input's frames are read and encoded chunk
+by chunk as the stream asks for them (video-to-video); with --interactive every applied prompt change is
+written as a timeline that replays the run (same seed and flags).
 """
 
 from __future__ import annotations
@@ -10,6 +14,8 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import sys
+import threading
 from pathlib import Path
 
 import torch
@@ -19,7 +25,9 @@ from .errors import CheckpointError, SelfForcingError
 from .io import DTYPES, check_writable, compute_dtype, peek_keys
 from .pipeline import Timings, decode_stream
 from .latents import latent_frames_for, latent_size_for, video_frames_for
-from .stream import PromptSegment, PromptTimeline, Stream, StreamSettings
+from .sources import EncodedVideo
+from .steering import BLEND_MODES, PromptInbox
+from .stream import CONTEXT_SOURCES, PromptSegment, PromptTimeline, Stream, StreamSettings
 from .timeline import parse_timeline
 from .wan.forward import WanBackbone
 
@@ -39,8 +47,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     length = p.add_mutually_exclusive_group()
     length.add_argument("--frames", type=int, default=None, help="video frames, 1 + 4k (default 81)")
     length.add_argument("--seconds", type=float, default=None, help="video length in seconds at --fps")
-    p.add_argument("--width", type=int, default=832)
-    p.add_argument("--height", type=int, default=480)
+    p.add_argument("--width", type=int, default=None, help="default 832, or the input video's width")
+    p.add_argument("--height", type=int, default=None, help="default 480, or the input video's height")
     p.add_argument("--frames-per-chunk", type=int, default=3, help="latent frames per chunk (3 chunk-wise, 1 frame-wise)")
     p.add_argument("--steps", default="1000,750,500,250")
     p.add_argument("--shift", type=float, default=5.0)
@@ -49,6 +57,29 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--switch", choices=["recache", "cut"], default="recache")
     p.add_argument("--sink-positions", choices=["adjacent", "absolute"], default="adjacent",
                    help="where the sink sits for RoPE: right before the window (LongLive) or at its own frames")
+    p.add_argument("--blend-chunks", type=int, default=0,
+                   help="a prompt change moves over this many chunks (timeline and live changes; 0: at once)")
+    p.add_argument("--blend", choices=list(BLEND_MODES), default="linear", help="how prompts are mixed while moving")
+    inp = p.add_mutually_exclusive_group()
+    inp.add_argument("--image", default=None,
+                     help="image-to-video: the first frame (PNG/JPEG), scaled to cover the size and centre-cropped")
+    inp.add_argument("--input-video", default=None,
+                     help="video-to-video: restyle this video as it streams (encoded chunk by chunk). It is not "
+                          "resized: its size must be the output size (the default). A shorter video ends the stream")
+    p.add_argument("--strength", type=float, default=0.7,
+                   help="video-to-video: 0 keeps the input, 1 ignores it (text-to-video); maps onto the step list")
+    p.add_argument("--start-step", type=int, default=None,
+                   help="video-to-video: begin at this step of --steps instead of --strength (0 = all steps)")
+    p.add_argument("--context", choices=list(CONTEXT_SOURCES), default="generated",
+                   help="video-to-video: the KV cache holds the generated frames or the input frames")
+    p.add_argument("--encoder", choices=["wan", "taehv"], default=None,
+                   help="what encodes --image / --input-video (default: the --decoder kind; wan needs --vae)")
+    p.add_argument("--interactive", action="store_true",
+                   help="read new prompts from standard input (one per line) while streaming; each applies at the "
+                        "next chunk. Keeps the text encoder loaded")
+    p.add_argument("--timeline-out", default=None,
+                   help="write the prompt changes applied as a replayable timeline (default with --interactive: "
+                        "OUTPUT.timeline.txt)")
     p.add_argument("--fps", type=float, default=16.0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=list(DTYPES), default=None, help="default: bf16 on GPU, fp32 on CPU")
@@ -76,11 +107,20 @@ def preflight(args) -> dict:
         Path(args.frames_dir).mkdir(parents=True, exist_ok=True)
     if args.latents_out:
         check_writable(args.latents_out)
+    video = _check_input_video(args)
     h, w = latent_size_for(args.height, args.width)
     latent_frames = latent_frames_for(_video_frames(args))
+    if args.image is not None and latent_frames < 2:
+        raise SelfForcingError("image-to-video needs at least 5 frames (the image is the first)")
     settings = StreamSettings(frames_per_chunk=args.frames_per_chunk, shift=args.shift, window=args.window,
                               sink=args.sink, switch=args.switch, sink_positions=args.sink_positions,
-                              steps=tuple(float(s) for s in args.steps.split(",")))
+                              steps=tuple(float(s) for s in args.steps.split(",")), blend_chunks=args.blend_chunks,
+                              blend=args.blend, strength=args.strength, start_step=args.start_step,
+                              context=args.context)
+    if args.interactive and args.timeline_out is None:
+        args.timeline_out = str(Path(args.output).with_suffix(".timeline.txt"))
+    if args.timeline_out:
+        check_writable(args.timeline_out)
     text = Path(args.timeline_file).read_text() if args.timeline_file else args.prompt
     timeline = parse_timeline(text, args.fps, args.frames_per_chunk)
 
@@ -95,6 +135,7 @@ def preflight(args) -> dict:
         what = {"wan": "a Wan2.1 VAE", "taehv": "a TAEHV tiny decoder", None: "not a video decoder"}[kind]
         raise CheckpointError(f"{decoder_path}: expected {'a Wan2.1 VAE' if args.decoder == 'wan' else 'TAEHV'} "
                               f"for --decoder {args.decoder}, but the file is {what}")
+    encoder_path = _check_encoder(args)
     from .text import inspect_text_encoder, read_embedded_tokenizer
 
     inspect_text_encoder(args.text_encoder)
@@ -103,7 +144,52 @@ def preflight(args) -> dict:
             f"{args.text_encoder} carries no tokenizer (no 'spiece_model' tensor); pass --tokenizer with the "
             "sentencepiece model or the tokenizer folder that came with it"
         )
-    return {"latent": (h, w), "latent_frames": latent_frames, "settings": settings, "timeline": timeline}
+    return {"latent": (h, w), "latent_frames": latent_frames, "settings": settings, "timeline": timeline,
+            "encoder": encoder_path, "video": video}
+
+
+def _check_input_video(args) -> dict | None:
+    """Probe --input-video; take the output size and length from it unless given (its size must match)."""
+    if args.input_video is None:
+        args.width, args.height = args.width or 832, args.height or 480
+        return None
+    from .video import probe_video
+
+    info = probe_video(args.input_video)
+    vw, vh = info["width"], info["height"]
+    if (args.width or vw, args.height or vh) != (vw, vh):
+        raise SelfForcingError(
+            f"--input-video {args.input_video} is {vw}x{vh} but --width/--height ask for {args.width or vw}x"
+            f"{args.height or vh}; the input is not resized: drop --width/--height to stream at its size, or resize "
+            f"the video first (e.g. ffmpeg -i in.mp4 -vf scale={args.width or vw}:{args.height or vh} out.mp4)"
+        )
+    if vw % 16 or vh % 16:
+        raise SelfForcingError(
+            f"--input-video {args.input_video} is {vw}x{vh}, not a multiple of 16; resize or crop it first "
+            f"(e.g. ffmpeg -i in.mp4 -vf crop={vw // 16 * 16}:{vh // 16 * 16} out.mp4)"
+        )
+    args.width, args.height = vw, vh
+    if args.frames is None and args.seconds is None and info["frames"] >= 1:
+        args.frames = 1 + 4 * ((info["frames"] - 1) // 4)
+    return info
+
+
+def _check_encoder(args) -> str | None:
+    """Which file encodes --image / --input-video; checked to hold an encoder."""
+    if args.image is None and args.input_video is None:
+        return None
+    kind = args.encoder or args.decoder
+    path = args.vae if kind == "wan" else args.taehv
+    if path is None:
+        raise SelfForcingError(f"encoding the {'image' if args.image else 'input video'} with {kind} needs "
+                               f"--{'vae' if kind == 'wan' else 'taehv'} PATH (or choose --encoder)")
+    keys = peek_keys(path)
+    need = "encoder.conv1.weight" if kind == "wan" else "encoder.0.weight"
+    if need not in keys:
+        raise CheckpointError(f"{path}: has no encoder weights ('{need}'); --encoder {kind} needs the full file")
+    if args.image is not None and not Path(args.image).is_file():
+        raise FileNotFoundError(f"{args.image}: no such image file")
+    return path
 
 
 def save_latents(path, z: torch.Tensor) -> None:
@@ -117,30 +203,78 @@ def save_latents(path, z: torch.Tensor) -> None:
         save_file({"latent_tensor": denormalize(z).contiguous(), "latent_format_version_0": torch.tensor([])}, str(tmp))
 
 
-def encode_timeline(args, timeline: list[tuple[int, str]]) -> PromptTimeline:
+def encode_one(te, prompt: str) -> torch.Tensor:
+    """One prompt -> embeddings [1, 512, D] float32 on the CPU (alone, so a live prompt encodes exactly as the
+    same line of a timeline does)."""
+    return te.encode([prompt]).float().cpu()
+
+
+def encode_timeline(args, timeline: list[tuple[int, str]], keep: bool = False):
+    """-> (PromptTimeline, the text encoder if `keep` else None)."""
     from .text import load_text_encoder
 
-    with load_text_encoder(args.text_encoder, tokenizer=args.tokenizer, device=args.text_device) as te:
-        emb = te.encode([p for _, p in timeline]).float().cpu()
-    gc.collect()
-    return PromptTimeline([PromptSegment(c, emb[i : i + 1], label=p) for i, (c, p) in enumerate(timeline)])
+    te = load_text_encoder(args.text_encoder, tokenizer=args.tokenizer, device=args.text_device)
+    segments = [PromptSegment(c, encode_one(te, p), label=p) for c, p in timeline]
+    if not keep:
+        te.release()
+        te = None
+        gc.collect()
+    return PromptTimeline(segments), te
+
+
+def timeline_text(timeline: PromptTimeline) -> str:
+    """A timeline as text with chunk tags (what --timeline-file reads back)."""
+    return "".join(f"#{s.start_chunk}: {' '.join(s.label.split())}\n" for s in timeline.segments)
+
+
+def _read_stdin(inbox: PromptInbox, log) -> None:
+    for line in sys.stdin:
+        if not line.strip():
+            continue
+        try:
+            ticket = inbox.post(line)
+        except SelfForcingError as e:
+            log(f"prompt not taken: {e}")
+            if not inbox.running:
+                return
+            continue
+        when = "before the first chunk" if ticket.posted_during < 0 else f"during chunk {ticket.posted_during + 1}"
+        log(f"prompt {ticket.id} queued {when}: applies at the next chunk")
 
 
 def run(args, log=print) -> dict:
     plan = preflight(args)
     device = torch.device(args.device)
     dtype = compute_dtype(args.dtype, device)
-    timeline = encode_timeline(args, plan["timeline"])
+    timeline, te = encode_timeline(args, plan["timeline"], keep=args.interactive)
 
-    from .vae import load_decoder
-    from .video import VideoWriter, write_frames_png
+    from .vae import load_decoder, load_encoder
+    from .video import VideoWriter, iter_video, read_image, write_frames_png
 
     model, ckpt = load_dit(args.model, device=device, dtype=dtype)
     backbone = WanBackbone(model, dtype=dtype, attn=args.attn)
-    decoder = load_decoder(args.vae if args.decoder == "wan" else args.taehv, device=device, dtype=dtype).stream_decoder()
+    decoder_path = args.vae if args.decoder == "wan" else args.taehv
+    encoder = None
+    if plan["encoder"] is not None:
+        encoder = load_encoder(plan["encoder"], device=device, dtype=dtype)
+    same = encoder is not None and plan["encoder"] == decoder_path
+    decoder = (encoder if same else load_decoder(decoder_path, device=device, dtype=dtype)).stream_decoder()
     h, w = plan["latent"]
-    stream = Stream(backbone, timeline, latent_height=h, latent_width=w, num_frames=plan["latent_frames"],
-                    settings=plan["settings"], generator=torch.Generator(device="cpu").manual_seed(args.seed))
+    prefix = video = None
+    if args.image is not None:
+        enc = encoder.stream_encoder()
+        pixels = read_image(args.image, args.width, args.height).permute(3, 0, 1, 2)[None].float() / 127.5 - 1
+        prefix = torch.cat([enc.encode_normalized(pixels), enc.flush_normalized()], dim=2).float()
+    if args.input_video is not None:
+        video = EncodedVideo(iter_video(args.input_video), encoder.stream_encoder())
+    inbox = PromptInbox(encode=lambda text: encode_one(te, text)) if args.interactive else None
+    generated = plan["latent_frames"] - (0 if prefix is None else prefix.shape[2])
+    stream = Stream(backbone, timeline, latent_height=h, latent_width=w, num_frames=generated,
+                    settings=plan["settings"], generator=torch.Generator(device="cpu").manual_seed(args.seed),
+                    prefix=prefix, video=video, inbox=inbox)
+    if inbox is not None:
+        threading.Thread(target=_read_stdin, args=(inbox, log), name="sf-stdin", daemon=True).start()
+        log("interactive: type a new prompt and press Enter; it applies at the next chunk")
     log(f"model {ckpt.format} {ckpt.config.dim}d x{ckpt.config.num_layers} | {args.width}x{args.height}, "
         f"{video_frames_for(plan['latent_frames'])} frames in {stream.num_chunks} chunks | attention {backbone.attn_backend}")
 
@@ -154,10 +288,25 @@ def run(args, log=print) -> dict:
             writer.write(step.frames.numpy())
             if args.frames_dir:
                 write_frames_png(args.frames_dir, step.frames.numpy(), first)
-            log(f"chunk {step.chunk.index + 1}/{stream.num_chunks}  frames {first}-{timings.frames - 1}  "
-                f"dit {step.dit_s:.3f}s  decode {step.decode_s:.3f}s  prompt {step.chunk.prompt}")
+            sw = step.chunk.switch
+            note = "" if sw is None else (f"  switched to {sw.label[:60]!r} ({sw.source}"
+                                          + (f", blend {sw.step}/{sw.steps}" if sw.steps > 1 else "") + ")")
+            name = "image" if step.chunk.is_prefix else f"chunk {step.chunk.index + 1}/{stream.num_chunks}"
+            log(f"{name}  frames {first}-{timings.frames - 1}  "
+                f"dit {step.dit_s:.3f}s  decode {step.decode_s:.3f}s  prompt {step.chunk.prompt}{note}")
+    stream.close()
+    if te is not None:
+        te.release()
     if args.latents_out:
         save_latents(args.latents_out, torch.cat(latents, dim=2))
+    if args.timeline_out:
+        from .io import atomic_path
+
+        with atomic_path(args.timeline_out) as tmp:
+            Path(tmp).write_text(timeline_text(stream.replay_timeline()))
+        log(f"timeline of the prompts applied: {args.timeline_out} (replay with --timeline-file and the same flags)")
+    if stream.input_ended:
+        log("the input video ended: the stream stopped with it")
     summary = {"output": str(args.output), **timings.summary()}
     log(json.dumps(summary))
     return summary

@@ -4,7 +4,7 @@
     stream = Stream(..., inbox=inbox)
     # another thread (a UI, stdin, a server route):
     ticket = inbox.post("the fox turns into a wolf")       # returns at once
-    # the stream takes it before its next chunk, switches (re-cache or cut, optionally blended over a few
+    # the stream takes it before its next chunk (chunk 1 at the earliest), switches (re-cache or cut, optionally blended over a few
     # chunks) and records the change; stream.replay_timeline() is a PromptTimeline that replays the run.
 
 A post never waits for the stream; the stream never waits for a post. Only the latest message waiting at a
@@ -84,9 +84,12 @@ class PromptInbox:
         return ticket
 
     def take(self, chunk: int) -> Message | None:
-        """Called by the stream right before it starts `chunk`: the newest waiting message (or None)."""
+        """Called by the stream right before it starts `chunk`: the newest waiting message (or None). Chunk 0
+        always follows the stream's own first prompt: what was posted before it waits for chunk 1."""
         with self._lock:
             self._chunk = chunk
+            if chunk == 0:
+                return None
             waiting, self._waiting = self._waiting, []
         if not waiting:
             return None

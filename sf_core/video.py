@@ -190,6 +190,64 @@ def read_video(path: str | os.PathLike) -> tuple[torch.Tensor, float]:
     return out, float(rate) if rate else 0.0
 
 
+def probe_video(path: str | os.PathLike) -> dict:
+    """Size, frame count (0 when the container does not say) and frame rate of a video file, without decoding."""
+    import av
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such video file")
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise SelfForcingError(f"{path}: holds no video stream")
+            stream = container.streams.video[0]
+            rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+            return {"width": stream.width, "height": stream.height, "frames": int(stream.frames or 0),
+                    "fps": float(rate) if rate else 0.0}
+    except av.error.FFmpegError as e:
+        raise SelfForcingError(f"{path}: not a readable video ({e})") from e
+
+
+def iter_video(path: str | os.PathLike, first: int = 9, then: int = 12):
+    """Decode a video file a few frames at a time: uint8 batches [n, H, W, 3], `first` frames then `then` at a
+    time (1 + 4k, then 4k: what a stream's chunks take); the last batch may be shorter."""
+    import av
+
+    try:
+        with av.open(str(path)) as container:
+            batch, size = [], first
+            for frame in container.decode(container.streams.video[0]):
+                batch.append(frame.to_ndarray(format="rgb24"))
+                if len(batch) == size:
+                    yield torch.from_numpy(np.stack(batch))
+                    batch, size = [], then
+            if batch:
+                yield torch.from_numpy(np.stack(batch))
+    except av.error.FFmpegError as e:
+        raise SelfForcingError(f"{path}: the video could not be decoded further ({e})") from e
+
+
+def read_image(path: str | os.PathLike, width: int, height: int) -> torch.Tensor:
+    """An image file -> uint8 [1, height, width, 3]: scaled to cover the size (bilinear), then centre-cropped."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such image file")
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            scale = max(width / im.width, height / im.height)
+            w, h = max(width, round(im.width * scale)), max(height, round(im.height * scale))
+            im = im.resize((w, h), Image.BILINEAR)
+            left, top = (w - width) // 2, (h - height) // 2
+            im = im.crop((left, top, left + width, top + height))
+            return torch.from_numpy(np.asarray(im).copy())[None]
+    except UnidentifiedImageError as e:
+        raise SelfForcingError(f"{path}: not a readable image ({e})") from e
+
+
 def png_bytes(image: np.ndarray, level: int = 4) -> bytes:
     """uint8 RGB [H, W, 3] -> a PNG file's bytes (8-bit truecolour, no filtering)."""
     h, w, _ = image.shape

@@ -41,6 +41,7 @@ __all__ = [
     "infer_taehv_config",
     "infer_wan_vae_config",
     "load_decoder",
+    "load_encoder",
     "load_vae",
     "vae_from_state_dict",
 ]
@@ -109,3 +110,16 @@ def load_decoder(
     Only the decoder weights are kept (the encoder's are checked, not loaded).
     """
     return decoder_from_state_dict(_read(path), device, dtype, str(path))
+
+
+def load_encoder(
+    path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+) -> AnyDecoder:
+    """Load a Wan2.1 VAE or a TAEHV with its encoder (for `.stream_encoder()`; it decodes too)."""
+    sd = _read(path)
+    kind = detect_decoder_kind(sd)
+    if kind == "taehv":
+        if "encoder.0.weight" not in sd:
+            raise CheckpointError(f"{path}: this TAEHV file has no encoder weights ('encoder.*'); use the Wan2.1 VAE")
+        return TAEHV.from_state_dict(sd, device, dtype, str(path))
+    return vae_from_state_dict(sd, device, dtype, str(path))
