@@ -58,6 +58,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--warmup", type=int, default=1, help="chunks run (and discarded) before timing")
     p.add_argument("--report", default="", help="comma-separated chunk numbers (1-based) to list in 'at_chunk'")
+    p.add_argument("--strength", type=float, default=None,
+                   help="time video-to-video at this strength instead of text-to-video (random input video)")
+    p.add_argument("--input-encoder", choices=["none", "taehv", "wan"], default="none",
+                   help="video-to-video: encode the input's pixels chunk by chunk with a random-weight TAEHV or Wan "
+                        "VAE of the real size inside the timed loop (none: the input is given as latents)")
     p.add_argument("--train", action="store_true",
                    help="time Self Forcing training steps instead (generator and critic), with --chunks latent-frame "
                         "chunks per rollout, --rank, --steps-to-time")
@@ -77,6 +82,7 @@ def run(args) -> dict:
         window=args.window,
         sink=args.sink,
         sink_positions=args.sink_positions,
+        strength=1.0 if args.strength is None else args.strength,
     )
     model = random_model(cfg, device, dtype)
     backbone = WanBackbone(model, cfg, dtype=dtype, attn=args.attn)
@@ -84,8 +90,9 @@ def run(args) -> dict:
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     if args.warmup:
-        warm = Stream(backbone, text, latent_height=h, latent_width=w, batch=args.batch,
-                      num_frames=args.warmup * args.frames_per_chunk, settings=settings, generator=0)
+        n = args.warmup * args.frames_per_chunk
+        warm = Stream(backbone, text, latent_height=h, latent_width=w, batch=args.batch, num_frames=n,
+                      settings=settings, generator=0, video=_input_video(args, n, h, w, device, dtype))
         for _ in warm:
             pass
         warm.close()
@@ -95,7 +102,8 @@ def run(args) -> dict:
 
     num_frames = args.chunks * args.frames_per_chunk
     stream = Stream(backbone, text, latent_height=h, latent_width=w, batch=args.batch,
-                    num_frames=num_frames, settings=settings, generator=0)
+                    num_frames=num_frames, settings=settings, generator=0,
+                    video=_input_video(args, num_frames, h, w, device, dtype))
     times, rss = [], []
     start = last = time.perf_counter()
     for chunk in stream:
@@ -118,6 +126,8 @@ def run(args) -> dict:
         "tokens_per_frame": cfg.tokens_per_frame(h, w),
         "frames_per_chunk": args.frames_per_chunk,
         "steps": list(settings.steps),
+        "video_to_video": None if args.strength is None else {"strength": args.strength,
+                                                              "input_encoder": args.input_encoder},
         "window": args.window,
         "sink": args.sink,
         "chunks": len(times),
@@ -137,6 +147,24 @@ def run(args) -> dict:
     if device.type == "cuda":
         out["peak_vram_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
     return out
+
+
+def _input_video(args, latent_frames: int, h: int, w: int, device, dtype):
+    """A random input video for video-to-video timing (None for text-to-video)."""
+    if args.strength is None:
+        return None
+    from .sources import EncodedVideo, LatentVideo, frame_batches
+
+    g = torch.Generator().manual_seed(1)
+    if args.input_encoder == "none":
+        return LatentVideo(torch.randn(args.batch, 16, latent_frames, h, w, generator=g).to(device))
+    from .vae.taehv import random_taehv
+    from .vae.wan_vae import random_wan_vae
+
+    model = (random_taehv if args.input_encoder == "taehv" else random_wan_vae)(device=device, dtype=dtype)
+    frames = (torch.rand(1 + 4 * (latent_frames - 1), 8 * h, 8 * w, 3, generator=g) * 255).to(torch.uint8)
+    return EncodedVideo(frame_batches(frames, 1 + 4 * (args.frames_per_chunk - 1), 4 * args.frames_per_chunk),
+                        model.stream_encoder())
 
 
 def _median(xs):
