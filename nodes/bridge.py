@@ -40,10 +40,12 @@ def load(models: list, memory_required: int = 0, full: bool = False) -> None:
     mm.load_models_gpu(models, memory_required=memory_required, force_full_load=full)
 
 
-def wan_backbone(model, attn: str = "auto") -> WanBackbone:
-    """The engine's view of a loaded stock MODEL (see `load`)."""
+def wan_backbone(model, attn: str = "auto", compile: bool = False, graphs: bool = False) -> WanBackbone:
+    """The engine's view of a loaded stock MODEL (see `load`); compile: regional torch.compile of the blocks;
+    graphs: CUDA-graph the full-window chunk steps."""
     dm, config = wan_dit(model)
-    return WanBackbone(dm, config, dtype=compute_dtype(model), attn=attn, device=model.load_device)
+    return WanBackbone(dm, config, dtype=compute_dtype(model), attn=attn, device=model.load_device, compile=compile,
+                       graphs=graphs)
 
 
 def text_from_conditioning(conditioning, text_dim: int, text_len: int = 512) -> torch.Tensor:

@@ -55,6 +55,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None, choices=list(DTYPES), help="default: bf16 on GPU, fp32 on CPU")
     p.add_argument("--attn", default="auto")
+    add_speed_arguments(p)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--warmup", type=int, default=1, help="chunks run (and discarded) before timing")
     p.add_argument("--report", default="", help="comma-separated chunk numbers (1-based) to list in 'at_chunk'")
@@ -71,7 +72,38 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-checkpointing", action="store_true")
 
 
+def add_speed_arguments(p: argparse.ArgumentParser) -> None:
+    """The opt-in fast paths (bench and generate)."""
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile each transformer block (regional; first chunk pays the compile)")
+    p.add_argument("--fp8", action="store_true",
+                   help="block Linear layers in fp8 e4m3 with per-tensor scales (fp8 matmul on GPUs of compute "
+                        "capability 8.9+; emulated on CPU)")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="capture the chunk forwards as a CUDA graph once the window is full (needs --window; CUDA)")
+
+
+def check_speed_arguments(args) -> None:
+    """--compile / --fp8 / --cuda-graphs where they cannot run: a clear error before any heavy work."""
+    from .errors import SelfForcingError
+
+    device = torch.device(args.device)
+    if args.compile:
+        from .wan.compile import compile_unavailable
+
+        reason = compile_unavailable(device)
+        if reason:
+            raise SelfForcingError(f"--compile: {reason}; leave --compile out to run eager")
+    if args.fp8:
+        from .wan.fp8 import resolve_matmul
+
+        resolve_matmul("auto", device)
+    if args.cuda_graphs and device.type != "cuda":
+        raise SelfForcingError(f"--cuda-graphs needs a CUDA device, not {device}; leave it out")
+
+
 def run(args) -> dict:
+    check_speed_arguments(args)
     device = torch.device(args.device)
     dtype = compute_dtype(args.dtype, device)
     cfg = WanConfig.preset(args.config)
@@ -85,7 +117,12 @@ def run(args) -> dict:
         strength=1.0 if args.strength is None else args.strength,
     )
     model = random_model(cfg, device, dtype)
-    backbone = WanBackbone(model, cfg, dtype=dtype, attn=args.attn)
+    if args.fp8:
+        from .wan.fp8 import quantize_linears
+
+        quantize_linears(model)
+    backbone = WanBackbone(model, cfg, dtype=dtype, attn=args.attn, compile=args.compile,
+                           graphs=args.cuda_graphs)
     text = torch.randn(args.batch, cfg.text_len, cfg.text_dim, device=device) * 0.1
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
@@ -121,6 +158,9 @@ def run(args) -> dict:
         "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
         "dtype": str(dtype).replace("torch.", ""),
         "attn": backbone.attn_backend,
+        "compile": args.compile,
+        "fp8": args.fp8,
+        "cuda_graphs": args.cuda_graphs,
         "size": f"{args.width}x{args.height}",
         "latent": [h, w],
         "tokens_per_frame": cfg.tokens_per_frame(h, w),

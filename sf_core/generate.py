@@ -84,6 +84,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=list(DTYPES), default=None, help="default: bf16 on GPU, fp32 on CPU")
     p.add_argument("--attn", default="auto")
+    from .bench import add_speed_arguments
+
+    add_speed_arguments(p)
     p.add_argument("--text-device", default="cpu", help="where the text encoder runs (freed after encoding)")
     p.add_argument("--output", "-o", required=True, help="MP4 path (written to a temporary file, then renamed)")
     p.add_argument("--frames-dir", default=None, help="also write each chunk's frames as PNG as soon as they exist")
@@ -124,6 +127,9 @@ def preflight(args) -> dict:
     text = Path(args.timeline_file).read_text() if args.timeline_file else args.prompt
     timeline = parse_timeline(text, args.fps, args.frames_per_chunk)
 
+    from .bench import check_speed_arguments
+
+    check_speed_arguments(args)
     check_dit_file(args.model)
     decoder_path = args.vae if args.decoder == "wan" else args.taehv
     if decoder_path is None:
@@ -251,8 +257,13 @@ def run(args, log=print) -> dict:
     from .vae import load_decoder, load_encoder
     from .video import VideoWriter, iter_video, read_image, write_frames_png
 
-    model, ckpt = load_dit(args.model, device=device, dtype=dtype)
-    backbone = WanBackbone(model, dtype=dtype, attn=args.attn)
+    model, ckpt = load_dit(args.model, device=device, dtype=dtype, keep_fp8=args.fp8)
+    if args.fp8:
+        from .wan.fp8 import quantize_linears
+
+        quantize_linears(model)
+    backbone = WanBackbone(model, dtype=dtype, attn=args.attn, compile=args.compile,
+                           graphs=args.cuda_graphs)
     decoder_path = args.vae if args.decoder == "wan" else args.taehv
     encoder = None
     if plan["encoder"] is not None:

@@ -97,3 +97,30 @@ def test_unwritable_output_fails_first(files, tmp_path, monkeypatch):
         gen.run(build_parser().parse_args(_args(files, tmp_path / "missing" / "o.mp4")))
     with pytest.raises(ValueError, match="not divisible by 16"):
         gen.run(build_parser().parse_args(_args(files, tmp_path / "o.mp4", "--width", "70")))
+
+
+def test_fp8_generate_is_close_to_the_reference(files, tmp_path):
+    from safetensors.torch import load_file
+
+    from sf_core.generate import run
+
+    def latents(*extra):
+        out = tmp_path / f"v{len(extra)}.mp4"
+        run(build_parser().parse_args(_args(files, out, "--frames", "9", "--latents-out", str(out) + ".latent",
+                                            *extra)), log=lambda *_: None)
+        return load_file(str(out) + ".latent")["latent_tensor"]
+
+    ref, fp8 = latents(), latents("--fp8")
+    rel = ((fp8 - ref).norm() / ref.norm()).item()
+    assert 0 < rel < 0.1, rel  # fp8 rounding only: the same video
+
+
+def test_compile_where_it_cannot_run_fails_before_heavy_work(files, tmp_path, monkeypatch):
+    import shutil
+
+    import sf_core.generate as gen
+
+    monkeypatch.setattr(gen, "load_dit", lambda *a, **k: pytest.fail("loaded the DiT before checking --compile"))
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    with pytest.raises(SelfForcingError, match="--compile: .*C\\+\\+ compiler"):
+        gen.run(build_parser().parse_args(_args(files, tmp_path / "o.mp4", "--compile")))

@@ -69,7 +69,9 @@ class WanBackbone:
     dit: module with Wan parameter names. dtype: compute dtype of matmuls and attention (default fp32 on
     CPU, bf16 elsewhere). attn: "auto" | "sdpa" | "flash2" | "flash3". checkpointing: recompute each block
     in backward (training). device: where activations live (default: the patch embedding's device; give it
-    when weights are partly offloaded, as ComfyUI does in low-VRAM mode).
+    when weights are partly offloaded, as ComfyUI does in low-VRAM mode). compile: run each transformer
+    block's two pure regions through torch.compile (see `wan.compile`; eager is the reference). graphs: run
+    the forwards of a chunk with a full window as one captured CUDA graph (see `wan.graphs`).
     """
 
     def __init__(
@@ -80,6 +82,8 @@ class WanBackbone:
         attn: str = "auto",
         checkpointing: bool = False,
         device: torch.device | str | None = None,
+        compile: bool = False,
+        graphs: bool = False,
     ):
         self.dit = dit
         self.config = config or infer_config(dit)
@@ -89,6 +93,14 @@ class WanBackbone:
         self.dtype = dtype
         self.attn_backend, self.attn = resolve_backend(attn, self.device)
         self.checkpointing = checkpointing
+        from .compile import block_kernels
+
+        self.kernels = block_kernels(compile, self.device)
+        self.graphs = None
+        if graphs:
+            from .graphs import ChunkGraphs
+
+            self.graphs = ChunkGraphs(self)
         self._rope: dict = {}  # (frames, h, w) -> (cos, sin): the steps of a chunk share their angles
 
     # ---- text ------------------------------------------------------------------------------
@@ -144,7 +156,20 @@ class WanBackbone:
             raise ValueError(f"prompt batch {prompt.batch} does not match latent batch {B}")
         frames = range(F) if frames is None else frames
         plan = plan or Bidirectional()
+        if self.graphs is not None:
+            out = self.graphs.run(x, t, prompt, frames, plan)
+            if out is not None:
+                return out
+        return self._run(x, t, prompt, self._angles(frames, h, w), plan)
 
+    __call__ = forward
+
+    def _run(self, x, t, prompt: PromptKV, rope, plan) -> torch.Tensor:
+        """The forward proper, on checked inputs; rope = (cos, sin) [F*h*w, head_dim/2] of the input frames."""
+        cfg, dit = self.config, self.dit
+        B, C, F, H, W = x.shape
+        pf, ph, pw = cfg.patch_size
+        h, w = H // ph, W // pw
         tokens = dit.patch_embedding(_feed(dit.patch_embedding, x.to(self.device), self.dtype))  # [B, dim, F, h, w]
         tokens = tokens.flatten(2).transpose(1, 2).float()  # [B, F*h*w, dim], fp32 residual
         t = torch.as_tensor(t, device=self.device, dtype=torch.float32)
@@ -152,7 +177,6 @@ class WanBackbone:
         sin = sinusoidal_embedding(cfg.freq_dim, t.reshape(-1))
         e = dit.time_embedding(_feed(dit.time_embedding[0], sin, torch.float32)).view(B, F, cfg.dim).float()
         e0 = dit.time_projection(_feed(dit.time_projection[1], e, torch.float32)).unflatten(-1, (6, cfg.dim)).float()
-        rope = self._angles(frames, h, w)
 
         for i, block in enumerate(dit.blocks):
             if self.checkpointing and torch.is_grad_enabled():
@@ -164,12 +188,10 @@ class WanBackbone:
 
         head = dit.head
         shift, scale = (head.modulation.to(self.device, torch.float32)[None] + e[:, :, None]).unsqueeze(3).unbind(2)
-        y = self._modulate(head.norm(tokens), shift, scale, F)
+        y = modulate(head.norm(tokens), shift, scale, F)
         out = head.head(y.to(self.dtype)).float()  # [B, F*h*w, pf*ph*pw*C]
         out = out.view(B, F, h, w, pf, ph, pw, cfg.out_dim).permute(0, 7, 1, 4, 2, 5, 3, 6)
         return out.reshape(B, cfg.out_dim, F * pf, H, W)
-
-    __call__ = forward
 
     def _angles(self, frames, h: int, w: int):
         key = (frames.start, frames.stop, h, w) if isinstance(frames, range) and frames.step == 1 else None
@@ -182,34 +204,45 @@ class WanBackbone:
             self._rope[key] = angles
         return angles
 
-    @staticmethod
-    def _modulate(x, shift, scale, frames):
-        """x [B, F*T, D] * (1 + scale) + shift with per-frame shift/scale [B, F, 1, D]."""
-        B, L, D = x.shape
-        return (x.float().view(B, frames, L // frames, D) * (1 + scale) + shift).view(B, L, D)
-
     def _block(self, i, block, x, e0, cross_kv, rope, plan, frames):
-        B, L, D = x.shape
-        mod = block.modulation.to(self.device, torch.float32)[None] + e0  # [B, F, 6, D]
-        shift1, scale1, gate1, shift2, scale2, gate2 = mod.unsqueeze(3).unbind(2)  # each [B, F, 1, D]
+        """One transformer block: two pure regions (compiled when `compile` is on) around the attention plan,
+        which reads and writes the cache and so stays eager."""
+        H, dt = self.config.num_heads, self.dtype
+        q, k, v, mod = self.kernels.pre(block, x, e0, rope, frames, H, dt)
+        y = plan.attend(i, q, k, v, self.attn)
+        return self.kernels.post(block, x, y, mod, cross_kv, frames, H, dt, self.attn)
 
-        y = self._self_attn(i, block.self_attn, self._modulate(block.norm1(x), shift1, scale1, frames), rope, plan)
-        x = x + (y.float().view(B, frames, L // frames, D) * gate1).view(B, L, D)
-        x = x + self._cross_attn(block.cross_attn, block.norm3(_feed(block.norm3, x, torch.float32)), cross_kv).float()
-        y = block.ffn(self._modulate(block.norm2(x), shift2, scale2, frames).to(self.dtype))
-        return x + (y.float().view(B, frames, L // frames, D) * gate2).view(B, L, D)
 
-    def _self_attn(self, layer, m, x, rope, plan):
-        B, L, _ = x.shape
-        H, D = self.config.num_heads, self.config.head_dim
-        x = x.to(self.dtype)
-        q = apply_rope(m.norm_q(m.q(x)).view(B, L, H, D), *rope)
-        k = apply_rope(m.norm_k(m.k(x)).view(B, L, H, D), *rope)
-        v = m.v(x).view(B, L, H, D)
-        return m.o(plan.attend(layer, q, k, v, self.attn).flatten(2))
+def modulate(x, shift, scale, frames: int):
+    """x [B, F*T, D] * (1 + scale) + shift with per-frame shift/scale [B, F, 1, D]."""
+    B, L, D = x.shape
+    return (x.float().view(B, frames, L // frames, D) * (1 + scale) + shift).view(B, L, D)
 
-    def _cross_attn(self, m, x, kv):
-        B, L, _ = x.shape
-        H, D = self.config.num_heads, self.config.head_dim
-        q = m.norm_q(m.q(x.to(self.dtype))).view(B, L, H, D)
-        return m.o(self.attn(q, kv[0], kv[1], None).flatten(2))
+
+def block_pre(block, x, e0, rope, frames: int, heads: int, dtype):
+    """Self-attention inputs of a block. x [B, L, dim] fp32 residual, e0 [B, F, 6, dim], rope (cos, sin)
+    [L, head_dim/2] -> q, k, v [B, L, H, head_dim] (RoPE on q, k) and the block's modulation [B, F, 6, dim]."""
+    B, L, _ = x.shape
+    mod = block.modulation.to(x.device, torch.float32)[None] + e0
+    shift1, scale1 = mod[:, :, 0:1], mod[:, :, 1:2]
+    m = block.self_attn
+    h = modulate(block.norm1(x), shift1, scale1, frames).to(dtype)
+    q = apply_rope(m.norm_q(m.q(h)).view(B, L, heads, -1), *rope)
+    k = apply_rope(m.norm_k(m.k(h)).view(B, L, heads, -1), *rope)
+    v = m.v(h).view(B, L, heads, -1)
+    return q, k, v, mod
+
+
+def block_post(block, x, y, mod, cross_kv, frames: int, heads: int, dtype, attn):
+    """The rest of a block after self-attention y [B, L, H, head_dim]: output projection, gated residual,
+    cross-attention to the prompt K/V, feed-forward. Returns the new residual x [B, L, dim] fp32."""
+    B, L, D = x.shape
+    _, _, gate1, shift2, scale2, gate2 = mod.unsqueeze(3).unbind(2)  # each [B, F, 1, D]
+    y = block.self_attn.o(y.flatten(2))
+    x = x + (y.float().view(B, frames, L // frames, D) * gate1).view(B, L, D)
+    c = block.cross_attn
+    h = block.norm3(_feed(block.norm3, x, torch.float32)).to(dtype)
+    q = c.norm_q(c.q(h)).view(B, L, heads, -1)
+    x = x + c.o(attn(q, cross_kv[0], cross_kv[1], None).flatten(2)).float()
+    y = block.ffn(modulate(block.norm2(x), shift2, scale2, frames).to(dtype))
+    return x + (y.float().view(B, frames, L // frames, D) * gate2).view(B, L, D)
