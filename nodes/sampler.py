@@ -101,7 +101,8 @@ class StreamSampler(io.ComfyNode):
         path.parent.mkdir(parents=True, exist_ok=True)
         start = time.perf_counter()
         try:
-            with VideoWriter(path, fps=fps) as writer, Background(lambda: decode_stream(stream, decoder)) as steps:
+            with VideoWriter(path, fps=fps) as writer, Background(
+                    lambda: decode_stream(stream, decoder, overlap=backbone.device.type == "cuda")) as steps:
                 for i, step in enumerate(steps, 1):
                     mm.throw_exception_if_processing_interrupted()
                     log.debug("self-forcing chunk %d/%d clean at monotonic %.6f", i, n, step.clean_at)

@@ -89,6 +89,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_speed_arguments(p)
     p.add_argument("--text-device", default="cpu", help="where the text encoder runs (freed after encoding)")
     p.add_argument("--output", "-o", required=True, help="MP4 path (written to a temporary file, then renamed)")
+    p.add_argument("--overlap-decode", action=argparse.BooleanOptionalAction, default=None,
+                   help="decode each chunk while the next one generates (default: on with CUDA); the MP4 and PNG "
+                        "writes then also run off the generating thread")
     p.add_argument("--frames-dir", default=None, help="also write each chunk's frames as PNG as soon as they exist")
     p.add_argument("--latents-out", default=None,
                    help="also save the latents (un-normalised, ComfyUI .latent layout: key 'latent_tensor')")
@@ -292,7 +295,8 @@ def run(args, log=print) -> dict:
     timings = Timings()
     latents = []
     with VideoWriter(args.output, fps=args.fps) as writer:
-        for step in decode_stream(stream, decoder, timings):
+        overlap = device.type == "cuda" if args.overlap_decode is None else args.overlap_decode
+        for step in decode_stream(stream, decoder, timings, overlap=overlap):
             if args.latents_out:
                 latents.append(step.chunk.latents.float().cpu())
             first = timings.frames - len(step.frames)

@@ -16,6 +16,7 @@ from typing import Iterator
 
 import torch
 
+from .overlap import overlapped
 from .stream import Chunk, Stream
 
 
@@ -27,6 +28,7 @@ class StepResult:
     decode_s: float
     elapsed_s: float  # since the stream started
     clean_at: float  # time.monotonic() when the chunk became clean (before decoding)
+    preview: torch.Tensor | None = None  # frames of the preview decoder, if one was given
 
 
 @dataclass
@@ -66,34 +68,52 @@ def to_uint8_frames(pixels: torch.Tensor) -> torch.Tensor:
     return ((pixels[0].permute(1, 2, 3, 0).float() + 1) * 127.5).clamp(0, 255).round().to(torch.uint8).cpu()
 
 
-def decode_stream(stream: Stream, decoder=None, timings: Timings | None = None) -> Iterator[StepResult]:
-    """Run `stream`, decoding each chunk at once with a streaming `decoder` (or not, if None)."""
-    device = stream.backbone.device
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+def decode_stream(stream: Stream, decoder=None, timings: Timings | None = None, *, overlap: bool = False,
+                  preview=None) -> Iterator[StepResult]:
+    """Run `stream`, decoding each chunk with a streaming `decoder` (or not, if None).
+
+    preview: a second streaming decoder (e.g. TAEHV for live previews next to the Wan VAE of the saved
+    video); its frames are in `step.preview`. overlap: decode a chunk while the next one generates (worker
+    threads, and CUDA streams on a GPU; see `sf_core.overlap`) - same frames, same order.
+    """
     t = timings if timings is not None else Timings()
-    start = last = time.perf_counter()
-    for chunk in stream:
-        sync()
-        t1 = time.perf_counter()
-        clean_at = time.monotonic()
-        frames = None
-        if decoder is not None:
-            with torch.no_grad():
-                frames = to_uint8_frames(decoder.decode_normalized(chunk.latents.detach()))
-        t2 = time.perf_counter()
-        dit_s, dec_s = t1 - last, t2 - t1
+    decoders = [d for d in (decoder, preview) if d is not None]
+    steps = (overlapped(stream, decoders, t) if overlap else _inline(stream, decoders))
+    start = time.perf_counter()
+    for chunk, frames, dit_s, dec_s, clean_at, clean_perf in steps:
+        now = time.perf_counter()
         t.dit_s += dit_s
-        t.decode_s += dec_s
+        t.decode_s += sum(dec_s)
         t.latent_frames += chunk.latents.shape[2]
         t.per_chunk_s.append(round(dit_s, 5))
         if t.first_chunk_s is None:
-            t.first_chunk_s = t1 - start
-        if frames is not None:
-            t.frames += frames.shape[0]
+            t.first_chunk_s = clean_perf - start
+        main = frames[0] if decoder is not None else None
+        if main is not None:
+            t.frames += main.shape[0]
             if t.first_frame_s is None:
-                t.first_frame_s = t2 - start
-        t.total_s = t2 - start
-        yield StepResult(chunk, frames, dit_s, dec_s, t2 - start, clean_at)
+                t.first_frame_s = now - start
+        t.total_s = now - start
+        yield StepResult(chunk, main, dit_s, sum(dec_s), now - start, clean_at,
+                         frames[-1] if preview is not None else None)
+
+
+def _inline(stream: Stream, decoders: list):
+    """Chunks decoded in the generating thread, one after the other (the reference for `overlapped`)."""
+    device = stream.backbone.device
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    last = time.perf_counter()
+    for chunk in stream:
+        sync()
+        clean = time.perf_counter()
+        clean_at = time.monotonic()
+        frames, dec_s = [], []
+        for d in decoders:
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                frames.append(to_uint8_frames(d.decode_normalized(chunk.latents.detach())))
+            dec_s.append(time.perf_counter() - t0)
+        yield chunk, frames, clean - last, dec_s, clean_at, clean
         last = time.perf_counter()
 
 

@@ -124,3 +124,21 @@ def test_compile_where_it_cannot_run_fails_before_heavy_work(files, tmp_path, mo
     monkeypatch.setattr(shutil, "which", lambda name: None)
     with pytest.raises(SelfForcingError, match="--compile: .*C\\+\\+ compiler"):
         gen.run(build_parser().parse_args(_args(files, tmp_path / "o.mp4", "--compile")))
+
+
+def test_overlapped_decode_writes_the_inline_frames(files, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from sf_core.generate import run
+
+    def frames(flag):
+        d = tmp_path / flag
+        run(build_parser().parse_args(_args(files, tmp_path / f"{flag}.mp4", "--frames", "33", "--window", "6",
+                                            "--sink", "1", f"--{flag}", "--frames-dir", str(d))), log=lambda *_: None)
+        return [np.asarray(Image.open(p)) for p in sorted(d.glob("*.png"))]
+
+    inline, over = frames("no-overlap-decode"), frames("overlap-decode")
+    assert len(over) == len(inline) == 33
+    assert all(np.array_equal(a, b) for a, b in zip(over, inline))
+    assert np.std(np.stack(over).astype(float)) > 1  # real frames
