@@ -24,6 +24,7 @@ from . import bridge
 from .common import CATEGORY, Timeline, check_video_inputs, sampling_inputs, size_inputs, stream_settings
 
 log = logging.getLogger(__name__)
+FAST_PATHS = ("eager", "compile", "compile + CUDA graphs")
 
 
 class StreamSampler(io.ComfyNode):
@@ -52,12 +53,11 @@ class StreamSampler(io.ComfyNode):
                                  tooltip="Return every frame as IMAGE (about 4.8 MB per 832x480 frame) and every latent frame "
                                          "as LATENT. Turn off for long streams: VIDEO, written to disk as it streams, has the "
                                          "whole video, while IMAGE and LATENT hold only the last chunk, so memory stays flat."),
-                io.Boolean.Input("compile", default=False, optional=True,
-                                 tooltip="torch.compile each transformer block (same video, faster chunks once compiled; the "
-                                         "first run pays the compile). For fp8 matmuls use the loader's fp8_e4m3fn_fast."),
-                io.Boolean.Input("cuda_graphs", default=False, optional=True,
-                                 tooltip="Replay each chunk's steps as a captured CUDA graph once the window is full (needs a "
-                                         "window; same video; steps with run-time LoRA hooks or offloaded weights run eagerly)."),
+                io.Combo.Input("fast_path", options=list(FAST_PATHS), default="eager", optional=True,
+                               tooltip="compile: torch.compile each transformer block (same video, faster chunks; the first "
+                                       "run pays the compile). + CUDA graphs: also replay each chunk's steps as one captured "
+                                       "graph once the window is full (needs a window; CUDA). For fp8 matmuls use the "
+                                       "loader's fp8_e4m3fn_fast."),
             ],
             outputs=[
                 io.Latent.Output(display_name="LATENT"),
@@ -74,7 +74,7 @@ class StreamSampler(io.ComfyNode):
     @classmethod
     def execute(cls, model, seed, width, height, length, frames_per_chunk, denoising_steps, shift, window, sink,
                 sink_positions, fps, positive=None, timeline=None, vae=None, start_image=None,
-                return_all=True, compile=False, cuda_graphs=False) -> io.NodeOutput:
+                return_all=True, fast_path="eager") -> io.NodeOutput:
         settings = stream_settings(frames_per_chunk, denoising_steps, shift, window, sink, sink_positions,
                                    timeline["switch"] if timeline else "recache")
         h, w = latent_size_for(height, width)
@@ -86,8 +86,8 @@ class StreamSampler(io.ComfyNode):
         capacity = settings.window or total
         cache_bytes = KVCache.estimate_bytes(config, 1, h, w, capacity, bridge.compute_dtype(model))
         bridge.load([model], memory_required=cache_bytes + (bridge.module_bytes(decoder) if decoder else 0))
-        backbone = bridge.wan_backbone(model, compile=compile,
-                                         graphs=cuda_graphs and model.load_device.type == "cuda")
+        backbone = bridge.wan_backbone(model, compile=fast_path != "eager",
+                                       graphs=fast_path == FAST_PATHS[2] and model.load_device.type == "cuda")
         what = f"a KV cache of {capacity} latent frames" + ("" if settings.window else " (the whole video)")
         bridge.check_room(backbone, cache_bytes, what)
         generated = total - (0 if prefix is None else prefix.shape[2])

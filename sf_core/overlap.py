@@ -72,6 +72,8 @@ def overlapped(stream, decoders: list, timings, ahead: int = 2) -> Iterator[tupl
     def guarded(fn):
         def run():
             try:
+                if cuda:
+                    torch.cuda.set_device(device)  # a new thread starts on the default device
                 with torch.inference_mode():
                     fn()
             except _Stop:
