@@ -23,7 +23,11 @@ def test_check_speed_tiny_prints_one_sane_json():
         assert s > 0 and abs(m["latent_fps_dit"] - 3 / s) < 0.02 * m["latent_fps_dit"] + 0.01, name
         assert abs(m["video_fps_dit"] - 4 * m["latent_fps_dit"]) < 0.05 * m["video_fps_dit"] + 0.01, name
         assert m["video_fps_with_taehv_overlapped"] > 0 and m["first_chunk_latency_s"] > 0, name
+        ratio = m["video_fps_with_taehv_overlapped"] / m["latent_fps_with_taehv_overlapped"]
+        assert abs(ratio - 4) < 0.05, name  # 4 video frames per latent frame after the first chunk
         assert m["first_frame_latency_s_taehv_overlapped"] > 0 and m["peak_rss_mib"] > 0, name
+    assert report["modes"]["eager"]["relative_difference_to_first_mode"] == 0
+    assert 0 < report["modes"]["fp8+compile+graphs"]["relative_difference_to_first_mode"] < 0.1  # fp8 rounding
     graphs = report["modes"]["fp8+compile+graphs"]["graphs"]
     assert graphs["static"] > 0 and graphs["fallback"] is None  # full-window chunks ran as static steps
     assert 0.2 < report["long"]["chunk60_over_chunk10"] < 5  # per-chunk cost does not grow with length
