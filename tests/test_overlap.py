@@ -58,3 +58,13 @@ def test_breaking_out_stops_the_workers_and_errors_reach_the_caller(backbone, te
     with pytest.raises(RuntimeError, match="decoder out of memory"):
         list(decode_stream(stream, Broken(), overlap=True))
     assert not [th for th in threading.enumerate() if th.name.startswith("sf-")]
+
+
+def test_overlap_without_a_decoder_yields_the_chunks_in_order(backbone, text):
+    def run(overlap):
+        stream = Stream(backbone, text, latent_height=8, latent_width=8, num_frames=9, generator=5)
+        return list(decode_stream(stream, None, overlap=overlap))
+
+    inline, over = run(False), run(True)
+    assert [s.chunk.index for s in over] == [0, 1, 2] and all(s.frames is None for s in over)
+    assert all(torch.equal(a.chunk.latents, b.chunk.latents) for a, b in zip(over, inline))
