@@ -143,33 +143,68 @@ def test_changed_module_tree_gets_a_new_static_step(tiny_model, text):
     torch.testing.assert_close(rest, torch.cat([c.latents for c in it], dim=2), rtol=0, atol=0)
 
 
-def _replayed(tiny_model, text, rope_of_the_chunk=False):
-    """A CPU stand-in for CUDA graph capture: the first static forward is recorded once as a fixed op sequence
-    (make_fx; every tensor it touches is a constant of the recording, by reference) and every later static
-    forward replays that recording, exactly as a captured graph would - only the buffers' contents change.
-    rope_of_the_chunk: record with the chunk's own RoPE tensors instead of the static buffers (a negative
-    control: values that enter a forward other than through the buffers go stale on replay)."""
+def record_once():
+    """A CPU stand-in for CUDA graph capture, given to ChunkGraphs as its `capture`: the forward is recorded
+    once as a fixed op sequence (make_fx; every tensor it touches is a constant of the recording, by
+    reference), and replay() runs that recording into the output buffer, as a captured graph does - only the
+    buffers' contents change between replays. Returns (capture, log of calls)."""
     from torch.fx.experimental.proxy_tensor import make_fx
 
+    calls = []
+
+    def capture(forward, device):
+        recorded = make_fx(forward)()
+        out = recorded()
+        calls.append("capture")
+
+        def replay():
+            calls.append("replay")
+            out.copy_(recorded())
+
+        return replay, out
+
+    return capture, calls
+
+
+def _stream_with_capture(tiny_model, text, capture):
     bb = WanBackbone(tiny_model, attn="sdpa", graphs=True)
-    run, recorded = bb._run, []
-
-    def capture_or_replay(x, t, prompt, rope, plan):
-        step = bb.graphs.step
-        if step is None or x is not step.x:
-            return run(x, t, prompt, rope, plan)
-        if not recorded:
-            rope = step._rope_src if rope_of_the_chunk else rope
-            recorded.append(make_fx(lambda: run(step.x, step.t, step.prompt, rope, step.plan))())
-        return recorded[0]()
-
-    bb._run = capture_or_replay
-    out = torch.cat([c.latents for c in _stream(bb, text)], dim=2)
-    assert bb.graphs.stats["static"] == _full_window_forwards() and len(recorded) == 1
-    return out
+    bb.graphs.capture = capture
+    return bb, torch.cat([c.latents for c in _stream(bb, text)], dim=2)
 
 
-def test_one_recorded_step_replayed_gives_the_eager_video(tiny_model, text):
+def test_one_captured_step_replayed_gives_the_eager_video(tiny_model, text):
     eager = torch.cat([c.latents for c in _stream(WanBackbone(tiny_model, attn="sdpa"), text)], dim=2)
-    torch.testing.assert_close(_replayed(tiny_model, text), eager, rtol=1e-5, atol=1e-5)
-    assert (_replayed(tiny_model, text, rope_of_the_chunk=True) - eager).abs().max() > 1e-3
+    capture, calls = record_once()
+    bb, replayed = _stream_with_capture(tiny_model, text, capture)
+    torch.testing.assert_close(replayed, eager, rtol=1e-5, atol=1e-5)
+    assert calls.count("capture") == 1 == bb.graphs.stats["captures"]
+    assert calls.count("replay") == _full_window_forwards() == bb.graphs.stats["static"]
+
+
+def test_a_value_fed_around_the_buffers_goes_stale_on_replay(tiny_model, text):
+    """Negative control of the stand-in: a recording that reads the RoPE angles of the captured chunk
+    instead of the static buffers replays them for every later chunk, and the video is wrong."""
+    eager = torch.cat([c.latents for c in _stream(WanBackbone(tiny_model, attn="sdpa"), text)], dim=2)
+    capture, _ = record_once()
+    holder = {}
+
+    def stale(forward, device):
+        bb, step = holder["bb"], holder["bb"].graphs.step
+        return capture(lambda: bb._run(step.x, step.t, step.prompt, step._rope_src, step.plan), device)
+
+    bb = WanBackbone(tiny_model, attn="sdpa", graphs=True)
+    holder["bb"], bb.graphs.capture = bb, stale
+    wrong = torch.cat([c.latents for c in _stream(bb, text)], dim=2)
+    assert (wrong - eager).abs().max() > 1e-3
+
+
+def test_a_failed_capture_falls_back_to_eager_for_good(tiny_model, text, caplog):
+    eager = torch.cat([c.latents for c in _stream(WanBackbone(tiny_model, attn="sdpa"), text)], dim=2)
+
+    def impossible(forward, device):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    bb, got = _stream_with_capture(tiny_model, text, impossible)
+    assert torch.equal(got, eager)
+    assert bb.graphs.stats["static"] == 0 and "capture failed" in bb.graphs.last_reason
+    assert any("capture failed" in r.message for r in caplog.records)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import weakref
 from collections import Counter
+from typing import Callable
 
 import torch
 from torch import nn
@@ -90,8 +91,8 @@ class StaticStep:
         self.index = torch.zeros(tokens, dtype=torch.long, device=dev)
         self.prompt = PromptKV([(k.clone(), v.clone()) for k, v in prompt.kv])
         self.plan = StaticWrite(cache, self.index)
-        self.out: torch.Tensor | None = None  # the CUDA graph's output, or filled by copy
-        self.graph = None
+        self.out: torch.Tensor | None = None  # the captured graph's output, or filled by copy
+        self.graph: Callable[[], None] | None = None  # replays the captured forward
         self.signature = signature(backbone.dit)
         self._prompt_src = weakref.ref(prompt)
         self._rope_src = None
@@ -135,16 +136,32 @@ class StaticStep:
         self.t.copy_(t)
 
 
-class ChunkGraphs:
-    """Runs a backbone's full-window chunk forwards through a StaticStep (captured on CUDA).
+def cuda_capture(fn: Callable[[], torch.Tensor], device: torch.device) -> tuple[Callable[[], None], torch.Tensor]:
+    """Capture fn() as a CUDA graph after WARMUP eager runs on a side stream; returns (replay, output buffer).
+    fn must read and write only fixed memory (a StaticStep); replay() recomputes into the output buffer."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(WARMUP):  # same inputs: the cache writes are the same values each time
+            fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, capture_error_mode="thread_local"):  # other threads (decoders) keep working
+        out = fn()
+    return graph.replay, out
 
-    `run` returns the forward's output, or None when this forward must run eagerly (`last_reason` says why).
-    `stats` counts static and eager forwards and captures.
+
+class ChunkGraphs:
+    """Runs a backbone's full-window chunk forwards through a StaticStep, captured once and replayed.
+
+    capture(fn, device) -> (replay, output): `cuda_capture` on CUDA; elsewhere None (the static step runs
+    eagerly). `run` returns the forward's output, or None when this forward must run eagerly (`last_reason`
+    says why). `stats` counts static and eager forwards, static steps built and captures.
     """
 
-    def __init__(self, backbone):
+    def __init__(self, backbone, capture: Callable | None = None):
         self.backbone = backbone
-        self.capture = backbone.device.type == "cuda"
+        self.capture = capture or (cuda_capture if backbone.device.type == "cuda" else None)
         self.step: StaticStep | None = None
         self.disabled: str | None = None
         self.last_reason: str | None = None
@@ -186,34 +203,23 @@ class ChunkGraphs:
             return None
         step.load(x, t, prompt, rope, plan)
         self.stats["static"] += 1
-        if not self.capture:
-            out = bb._run(step.x, step.t, step.prompt, (step.cos, step.sin), step.plan)
+        forward = lambda: bb._run(step.x, step.t, step.prompt, (step.cos, step.sin), step.plan)  # noqa: E731
+        if self.capture is None:
+            out = forward()
             if step.out is None:
                 step.out = torch.empty_like(out)
             step.out.copy_(out)
             return step.out.clone()
         if step.graph is None:
             try:
-                self._capture(step)
+                step.graph, step.out = self.capture(forward, bb.device)
             except Exception as e:  # e.g. an op that cannot be captured: eager from now on, same result
-                self.disabled = f"CUDA graph capture failed ({type(e).__name__}: {e})"
+                self.disabled = f"graph capture failed ({type(e).__name__}: {e})"
                 self.step = None
                 log.warning("%s; running the chunk steps eagerly", self.disabled)
+                self.stats["static"] -= 1
+                self.stats["eager"] += 1
                 return None
-        step.graph.replay()
+            self.stats["captures"] += 1
+        step.graph()
         return step.out.clone()
-
-    def _capture(self, step: StaticStep) -> None:
-        bb, dev = self.backbone, self.backbone.device
-        args = (step.x, step.t, step.prompt, (step.cos, step.sin), step.plan)
-        side = torch.cuda.Stream(dev)
-        side.wait_stream(torch.cuda.current_stream(dev))
-        with torch.cuda.stream(side):
-            for _ in range(WARMUP):  # same inputs: the cache writes are the same values each time
-                bb._run(*args)
-        torch.cuda.current_stream(dev).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-            out = bb._run(*args)
-        step.graph, step.out = graph, out
-        self.stats["captures"] += 1

@@ -142,7 +142,7 @@ def measure_mode(name, opts, base_model, cfg, p, device, text, taehv, h, w, refe
     out["first_frame_latency_s_taehv_overlapped"] = round(steps[0][2], 4)
     out.update(peak_memory(device))
     if bb.graphs is not None:
-        out["graphs"] = dict(bb.graphs.stats, captured=bb.graphs.capture, fallback=bb.graphs.disabled)
+        out["graphs"] = dict(bb.graphs.stats, captured=bb.graphs.capture is not None, fallback=bb.graphs.disabled)
     del bb, s
     return out
 
