@@ -15,4 +15,7 @@ NODES = [LoadModel, LoadLoRA, PromptTimeline, StreamSampler, StreamingDecode, Be
 
 class SelfForcingExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        from .steering import add_routes
+
+        add_routes()  # live prompts for running samplers (POST /selfforcing/steer)
         return NODES

@@ -66,15 +66,17 @@ def text_from_conditioning(conditioning, text_dim: int, text_len: int = 512) -> 
     return cond[:1, :text_len].float()
 
 
-def stream_decoder(vae, device=None):
-    """A streaming decoder over the weights of a stock VAE (Wan2.1 VAE), on the compute device."""
-    from ..sf_core.vae import decoder_from_state_dict
+def stream_decoder(vae, device=None, encoder: bool = False):
+    """A streaming decoder over the weights of a stock VAE (Wan2.1 VAE), on the compute device; with `encoder`
+    the whole VAE (it streams encodes too)."""
+    from ..sf_core.vae import decoder_from_state_dict, vae_from_state_dict
 
     device = device or mm.get_torch_device()
     dtype = getattr(vae, "vae_dtype", torch.float32)
     sd = vae.get_sd()
+    build = vae_from_state_dict if encoder else decoder_from_state_dict
     try:
-        decoder = decoder_from_state_dict(sd, device=device, dtype=dtype, source="the connected VAE")
+        decoder = build(sd, device=device, dtype=dtype, source="the connected VAE")
     except Exception as e:
         raise SelfForcingError(f"the connected VAE cannot stream Wan2.1 latents: {e}") from e
     return decoder

@@ -7,7 +7,8 @@ from comfy_api.latest import io
 from ..sf_core.errors import SelfForcingError
 from ..sf_core.latents import latent_frames_for, latent_size_for
 from ..sf_core.cache import SINK_POSITIONS
-from ..sf_core.stream import StreamSettings
+from ..sf_core.steering import BLEND_MODES
+from ..sf_core.stream import CONTEXT_SOURCES, StreamSettings
 
 CATEGORY = "Self Forcing"
 Timeline = io.Custom("SF_PROMPT_TIMELINE")
@@ -38,6 +39,23 @@ def sampling_inputs():
     ]
 
 
+def stream_inputs():
+    """Video-to-video and live-steering inputs of the stream sampler (all optional)."""
+    return [
+        io.Float.Input("strength", default=0.7, min=0.0, max=1.0, step=0.05, optional=True,
+                       tooltip="Video-to-video: how much of the input video is redrawn. 0 keeps it, 1 ignores it "
+                               "(text-to-video); in between, each chunk of the input is noised to that level and "
+                               "denoised by the remaining steps under the prompt."),
+        io.Combo.Input("context", options=list(CONTEXT_SOURCES), default="generated", optional=True,
+                       tooltip="Video-to-video: what later chunks attend to. generated: the restyled frames (a "
+                               "coherent new video); input: the input's frames (follows the input's motion closely)."),
+        io.Int.Input("blend_chunks", default=0, min=0, max=64, optional=True,
+                     tooltip="A prompt change (timeline or live) moves over this many chunks; 0 switches at once."),
+        io.Combo.Input("blend", options=list(BLEND_MODES), default="linear", optional=True,
+                       tooltip="How the prompts are mixed while a change moves: linear or slerp of the text embeddings."),
+    ]
+
+
 def parse_steps(text: str) -> tuple[float, ...]:
     try:
         steps = tuple(float(s) for s in str(text).replace(" ", "").split(",") if s)
@@ -47,9 +65,10 @@ def parse_steps(text: str) -> tuple[float, ...]:
 
 
 def stream_settings(frames_per_chunk, denoising_steps, shift, window, sink, sink_positions="adjacent",
-                    switch="recache") -> StreamSettings:
+                    switch="recache", **more) -> StreamSettings:
+    """more: strength, context, blend_chunks, blend (see StreamSettings)."""
     return StreamSettings(frames_per_chunk=frames_per_chunk, steps=parse_steps(denoising_steps), shift=shift,
-                          window=window or None, sink=sink, sink_positions=sink_positions, switch=switch)
+                          window=window or None, sink=sink, sink_positions=sink_positions, switch=switch, **more)
 
 
 def check_video_inputs(width=None, height=None, length=None, **settings) -> bool | str:

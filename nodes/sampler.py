@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -17,11 +18,14 @@ from comfy_api.latest import InputImpl, io
 from ..sf_core.cache import KVCache
 from ..sf_core.latents import latent_frames_for, latent_size_for, normalize
 from ..sf_core.pipeline import Background, decode_stream
+from ..sf_core.sources import EncodedVideo, frame_batches
+from ..sf_core.steering import PromptInbox
 from ..sf_core.stream import PromptSegment, PromptTimeline, Stream
 from ..sf_core.timeline import resolve
 from ..sf_core.video import VideoWriter
-from . import bridge
-from .common import CATEGORY, Timeline, check_video_inputs, sampling_inputs, size_inputs, stream_settings
+from . import bridge, steering
+from .common import (CATEGORY, Timeline, check_video_inputs, sampling_inputs, size_inputs, stream_inputs,
+                     stream_settings)
 
 log = logging.getLogger(__name__)
 FAST_PATHS = ("eager", "compile", "compile + CUDA graphs")
@@ -43,6 +47,13 @@ class StreamSampler(io.ComfyNode):
                 Timeline.Input("timeline", optional=True, tooltip="Prompts that change over time (Self-Forcing Prompt Timeline)."),
                 io.Vae.Input("vae", optional=True, tooltip="Wan2.1 VAE: decode each chunk as it is ready (live preview, IMAGE/VIDEO)."),
                 io.Image.Input("start_image", optional=True, tooltip="Image-to-video: the first frame (needs the VAE)."),
+                io.Image.Input("input_video", optional=True,
+                               tooltip="Video-to-video: frames to restyle (e.g. from Load Video), encoded chunk by chunk "
+                                       "as the stream goes (needs the VAE). They must have the node's width and height "
+                                       "(they are not resized); a shorter video ends the stream."),
+                io.Clip.Input("clip", optional=True,
+                              tooltip="The CLIP (type wan) that encodes prompts typed into this node's live prompt box "
+                                      "while it streams; without it the node takes no live prompts."),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
                              tooltip="Noise seed: the same seed and inputs give the same video."),
                 *size_inputs(),
@@ -58,6 +69,7 @@ class StreamSampler(io.ComfyNode):
                                        "run pays the compile). + CUDA graphs: also replay each chunk's steps as one captured "
                                        "graph once the window is full (needs a window; CUDA). For fp8 matmuls use the "
                                        "loader's fp8_e4m3fn_fast."),
+                *stream_inputs(),
             ],
             outputs=[
                 io.Latent.Output(display_name="LATENT"),
@@ -73,16 +85,20 @@ class StreamSampler(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, seed, width, height, length, frames_per_chunk, denoising_steps, shift, window, sink,
-                sink_positions, fps, positive=None, timeline=None, vae=None, start_image=None,
-                return_all=True, fast_path="eager") -> io.NodeOutput:
+                sink_positions, fps, positive=None, timeline=None, vae=None, start_image=None, input_video=None,
+                clip=None, return_all=True, fast_path="eager", strength=0.7, context="generated", blend_chunks=0,
+                blend="linear") -> io.NodeOutput:
         settings = stream_settings(frames_per_chunk, denoising_steps, shift, window, sink, sink_positions,
-                                   timeline["switch"] if timeline else "recache")
+                                   timeline["switch"] if timeline else "recache", strength=strength, context=context,
+                                   blend_chunks=blend_chunks, blend=blend)
         h, w = latent_size_for(height, width)
         total = latent_frames_for(length)
         _, config = bridge.wan_dit(model)
         prompts = _timeline(timeline, positive, config, fps, frames_per_chunk)
+        if input_video is not None:
+            total = min(total, _input_latent_frames(vae, input_video, start_image, width, height))
         prefix = _start_latent(vae, start_image, width, height) if start_image is not None else None
-        decoder = bridge.stream_decoder(vae) if vae is not None else None
+        decoder = bridge.stream_decoder(vae, encoder=input_video is not None) if vae is not None else None
         capacity = settings.window or total
         cache_bytes = KVCache.estimate_bytes(config, 1, h, w, capacity, bridge.compute_dtype(model))
         bridge.load([model], memory_required=cache_bytes + (bridge.module_bytes(decoder) if decoder else 0))
@@ -91,17 +107,22 @@ class StreamSampler(io.ComfyNode):
         what = f"a KV cache of {capacity} latent frames" + ("" if settings.window else " (the whole video)")
         bridge.check_room(backbone, cache_bytes, what)
         generated = total - (0 if prefix is None else prefix.shape[2])
+        video = None
+        if input_video is not None:
+            video = EncodedVideo(frame_batches(input_video), decoder.stream_encoder())
+        inbox = PromptInbox(encode=_clip_encoder(clip, config), no_encoder=(
+            "this Stream Sampler has no CLIP connected: connect the CLIP (type wan) to its 'clip' input to steer it live"))
         stream = Stream(backbone, prompts, latent_height=h, latent_width=w, num_frames=generated, settings=settings,
-                        generator=torch.Generator().manual_seed(seed), prefix=prefix)
+                        generator=torch.Generator().manual_seed(seed), prefix=prefix, video=video, inbox=inbox)
         decoder = decoder.stream_decoder() if decoder is not None else None
         n = stream.num_chunks + (prefix is not None)
         live = bridge.LiveProgress(cls.hidden.unique_id, n, fps)
-        latents, frames, count = [], [], 0
+        latents, frames, count, note = [], [], 0, ""
         path = Path(folder_paths.get_temp_directory()) / f"self_forcing_{uuid.uuid4().hex[:12]}.mp4"
         path.parent.mkdir(parents=True, exist_ok=True)
         start = time.perf_counter()
         try:
-            with VideoWriter(path, fps=fps) as writer, Background(
+            with _live_prompts(cls.hidden.unique_id, inbox), VideoWriter(path, fps=fps) as writer, Background(
                     lambda: decode_stream(stream, decoder, overlap=backbone.device.type == "cuda")) as steps:
                 for i, step in enumerate(steps, 1):
                     mm.throw_exception_if_processing_interrupted()
@@ -115,7 +136,8 @@ class StreamSampler(io.ComfyNode):
                     writer.write(shown.numpy())
                     frames.append(shown)
                     count += shown.shape[0]
-                    live.status(f"chunk {i}/{n} · {count} frames · {count / (time.perf_counter() - start):.1f} FPS")
+                    note = _switch_note(step.chunk.switch, note)
+                    live.status(f"chunk {i}/{n} · {count} frames · {count / (time.perf_counter() - start):.1f} FPS{note}")
                     live.frames(i, shown, behind=lambda: steps.pending() > 0)
         finally:
             stream.close()
@@ -141,6 +163,58 @@ def _timeline(timeline, positive, config, fps, frames_per_chunk) -> PromptTimeli
     if positive is None:
         raise SelfForcingError("connect a prompt: 'positive' (CLIP Text Encode) or a Self-Forcing Prompt Timeline")
     return PromptTimeline.single(bridge.text_from_conditioning(positive, config.text_dim, config.text_len))
+
+
+def _switch_note(switch, note: str) -> str:
+    """Status-line text of the latest prompt change (kept until the next one)."""
+    if switch is None or not switch.begins:
+        return note
+    label = " ".join(switch.label.split())
+    label = label if len(label) <= 48 else label[:47] + "…"
+    return f" · switched to '{label}' at chunk {switch.chunk + 1}" + (" (live)" if switch.source == "live" else "")
+
+
+def _live_prompts(node_id, inbox):
+    """While the sampler runs, prompts posted to the pack's route for this node reach `inbox`."""
+    from comfy_execution.utils import get_executing_context
+    from server import PromptServer
+
+    ctx = get_executing_context()
+    server = PromptServer.instance
+    if ctx is None or server is None:
+        return nullcontext()
+    return steering.RUNNING.register(ctx.prompt_id, node_id, server.client_id, inbox)
+
+
+def _clip_encoder(clip, config):
+    """text -> embeddings [1, tokens, text_dim] with the connected CLIP, as CLIP Text Encode does (None: no CLIP)."""
+    if clip is None:
+        return None
+
+    def encode(text: str) -> torch.Tensor:
+        cond = clip.encode_from_tokens_scheduled(clip.tokenize(text))
+        return bridge.text_from_conditioning(cond, config.text_dim, config.text_len)
+
+    return encode
+
+
+def _input_latent_frames(vae, frames, start_image, width, height) -> int:
+    """Check the input video (IMAGE [N, H, W, C]) before heavy work; its length in latent frames."""
+    from ..sf_core.errors import SelfForcingError
+
+    if vae is None:
+        raise SelfForcingError("an input video needs the VAE input to encode it")
+    if start_image is not None:
+        raise SelfForcingError("give either a start image or an input video, not both")
+    if frames.ndim != 4 or frames.shape[0] < 1:
+        raise SelfForcingError(f"the input video must be IMAGE frames [N, H, W, 3], got {tuple(frames.shape)}")
+    n, fh, fw = frames.shape[:3]
+    if (fw, fh) != (width, height):
+        raise SelfForcingError(
+            f"the input video is {fw}x{fh} but the sampler makes {width}x{height}; frames are not resized: set width "
+            f"and height to {fw}x{fh}, or resize the frames first (e.g. the stock Upscale Image node to {width}x{height})"
+        )
+    return 1 + (n - 1) // 4
 
 
 def _start_latent(vae, image, width, height) -> torch.Tensor:

@@ -50,8 +50,10 @@ class PromptInbox:
     thread). Needed only when texts (not embeddings) are posted.
     """
 
-    def __init__(self, encode: Callable[[str], torch.Tensor] | None = None, max_chars: int = MAX_PROMPT_CHARS):
+    def __init__(self, encode: Callable[[str], torch.Tensor] | None = None, max_chars: int = MAX_PROMPT_CHARS,
+                 no_encoder: str = "this stream takes prompt embeddings, not text (no text encoder was given)"):
         self.encode = encode
+        self.no_encoder = no_encoder
         self.max_chars = max_chars
         self._lock = threading.Lock()
         self._waiting: list[Message] = []
@@ -71,7 +73,7 @@ class PromptInbox:
             if len(prompt) > self.max_chars:
                 raise SelfForcingError(f"the new prompt has {len(prompt)} characters; the limit is {self.max_chars}")
             if self.encode is None:
-                raise SelfForcingError("this stream takes prompt embeddings, not text (no text encoder was given)")
+                raise SelfForcingError(self.no_encoder)
             label = prompt if label is None else label
         elif not (isinstance(prompt, torch.Tensor) and prompt.ndim == 3):
             raise SelfForcingError("a prompt must be a text or embeddings [1, tokens, dim]")

@@ -30,7 +30,7 @@ SAMPLER = "SelfForcingStreamSampler"
 # comes after ~7 s, which leaves a wide window to catch the node mid-stream.
 SIZE = {"width": 256, "height": 160, "length": 65, "window": 12, "sink": 3}
 # The sampler node is enlarged before queueing so that its preview fits inside it; the view is fitted to it.
-NODE_SIZE = (420, 720)
+NODE_SIZE = (420, 960)
 VIEWPORT = (1280, 900)
 PREVIEW_TIMEOUT = 90.0   # from queueing to the first live preview on the node
 RUN_TIMEOUT = 240.0      # the whole prompt
