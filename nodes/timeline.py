@@ -16,14 +16,16 @@ class PromptTimeline(io.ComfyNode):
             node_id="SelfForcingPromptTimeline",
             display_name="Self-Forcing Prompt Timeline",
             category=CATEGORY,
-            description="One prompt per line, each starting at a time ('5s: ...') or a chunk ('#4: ...'). "
+            description="One prompt per line, each starting at a time ('5s: ...') or a chunk ('#4: ...'), or a keyframe "
+                        "schedule by video frame as prompt-schedule nodes write it ('\"0\": \"...\", \"48\": \"...\"'). "
                         "The sampler switches prompts at chunk boundaries while the video streams.",
             inputs=[
                 io.Clip.Input("clip", tooltip="CLIPLoader with type 'wan' (umt5_xxl)."),
                 io.String.Input("timeline", multiline=True,
                                 default="0s: a red fox trots through fresh snow in a sunlit pine forest\n"
                                         "3s: the fox stops and looks straight into the camera",
-                                tooltip="Lines like '0s: prompt' / '2.5s: prompt' / '#7: prompt'. One untagged line = one prompt."),
+                                tooltip="Lines like '0s: prompt' / '2.5s: prompt' / '#7: prompt', or a keyframe schedule "
+                                        "'\"0\": \"prompt\", \"48\": \"prompt\"' (video frames). One untagged line = one prompt."),
                 io.Combo.Input("switch", options=list(SWITCH_MODES), default="recache",
                                tooltip="recache: re-encode the cached frames under the new prompt (smooth change, scene kept); "
                                        "cut: flush the cache (hard cut)."),
