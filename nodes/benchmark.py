@@ -13,6 +13,7 @@ from ..sf_core.cache import KVCache
 from ..sf_core.latents import latent_size_for
 from ..sf_core.pipeline import Background, Timings, decode_stream
 from ..sf_core.stream import Stream
+from ..sf_core.timing import peak_memory, reset_peak
 from . import bridge
 from .common import CATEGORY, check_video_inputs, sampling_inputs, size_inputs, stream_settings
 
@@ -72,15 +73,12 @@ class Benchmark(io.ComfyNode):
 
         if warmup_chunks:
             run(warmup_chunks, Timings())
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
+        reset_peak(device)
         timings = Timings()
         run(chunks, timings)
         report = {"device": str(device), "dtype": str(backbone.dtype).replace("torch.", ""),
                   "attention": backbone.attn_backend, "size": f"{width}x{height}", "chunks": chunks,
-                  **timings.summary(), "seconds_per_chunk": timings.per_chunk_s}
-        if device.type == "cuda":
-            report["peak_vram_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
+                  **timings.summary(), "seconds_per_chunk": timings.per_chunk_s, **peak_memory(device)}
         text_report = json.dumps(report, indent=1)
         bridge.LiveProgress(cls.hidden.unique_id, 1).status(
             f"first frame {report['first_frame_latency_s'] or report['first_chunk_latency_s']}s · "

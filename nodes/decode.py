@@ -9,7 +9,7 @@ import folder_paths
 from comfy_api.latest import io
 
 from ..sf_core.errors import SelfForcingError
-from ..sf_core.pipeline import to_uint8_frames
+from ..sf_core.video import to_uint8_frames
 from . import bridge
 from .common import CATEGORY
 

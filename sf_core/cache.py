@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import WanConfig
+from .wan.rope import shift_frames
 
 SINK_POSITIONS = ("adjacent", "absolute")
 
@@ -147,7 +148,6 @@ class KVCache:
     def place_sink(self, layer: int, shift: int) -> None:
         """Make the sink slots of `layer` hold the sink keys moved by `shift` frames (once per chunk)."""
         if self.adjacent_sink and self.sink_shift[layer] != shift:
-            from .wan.rope import shift_frames
 
             n = self._tok(self.sink)
             self.k[layer, :, :n] = shift_frames(self.sink_k[layer], shift, self.config.head_dim, self.config.rope_theta)

@@ -22,7 +22,8 @@ import torch
 
 from .config import WanConfig
 from .errors import CheckpointError
-from .io import FP8_DTYPES, read_state_dict
+from .wan.modules import WanModel
+from .weights import FP8_DTYPES, SAFETENSORS_SUFFIXES, peek_keys, read_state_dict
 
 NESTED_PREFERENCE = ("generator_ema", "generator", "model", "state_dict", "module")
 WRAPPERS = ("_fsdp_wrapped_module.", "_orig_mod.", "_checkpoint_wrapped_module.")
@@ -176,8 +177,6 @@ def load_dit_checkpoint(path: str | os.PathLike) -> DiTCheckpoint:
 
 
 def _check_complete(sd: dict, config: WanConfig, name: str) -> None:
-    from .wan.modules import WanModel
-
     with torch.device("meta"):
         ref = WanModel(config)
     expected = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
@@ -224,8 +223,6 @@ def build_model(
     dtype: storage dtype of floating weights (None keeps the file's). fp8 weights are dequantised
     (times their `scale_weight`) unless keep_fp8, in which case they stay fp8 and layers cast at use.
     """
-    from .wan.modules import WanModel
-
     _check_quant_keys(ckpt.state_dict, ckpt.path)
     with torch.device("meta"):
         model = WanModel(ckpt.config)
@@ -253,8 +250,6 @@ def load_dit(path, device="cpu", dtype: torch.dtype | None = torch.float32, keep
 
 def check_dit_file(path: str | os.PathLike) -> str:
     """Cheap check that `path` is a family DiT (header / memory-mapped keys only); returns its format."""
-    from .io import SAFETENSORS_SUFFIXES, peek_keys
-
     path = Path(path)
     if path.is_dir() or path.suffix.lower() in SAFETENSORS_SUFFIXES:
         keys = peek_keys(path)

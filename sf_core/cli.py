@@ -5,24 +5,23 @@ from __future__ import annotations
 import argparse
 import sys
 
+import torch
+from safetensors.torch import save_file
+
+from . import bench, generate
+from .checkpoints import dequantize_fp8, inspect, load_dit_checkpoint
 from .errors import SelfForcingError
+from .io import atomic_path, check_writable
+from .train import cli as train_cli
 
 
 def _inspect(args) -> int:
-    from .checkpoints import inspect
-
     print(inspect(args.file))
     return 0
 
 
 def _convert(args) -> int:
     """Any family layout -> plain Wan-named safetensors that ComfyUI's stock loader reads."""
-    import torch
-    from safetensors.torch import save_file
-
-    from .checkpoints import dequantize_fp8, load_dit_checkpoint
-    from .io import atomic_path, check_writable
-
     check_writable(args.output)
     ckpt = load_dit_checkpoint(args.file)
     dtype = {"keep": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
@@ -48,18 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["keep", "bf16", "fp16", "fp32"], default="keep")
     p.set_defaults(func=_convert)
 
-    from . import bench
-
     p = sub.add_parser("bench", help="time the chunk loop on a random-weight model (JSON)")
     bench.add_arguments(p)
     p.set_defaults(func=bench.main)
-    from . import generate
-
     p = sub.add_parser("generate", help="text -> streaming video, written to MP4 as chunks arrive")
     generate.add_arguments(p)
     p.set_defaults(func=generate.main)
-    from .train import cli as train_cli
-
     p = sub.add_parser("train", help="Self Forcing DMD LoRA fine-tuning (writes a ComfyUI LoRA)")
     train_cli.add_arguments(p)
     p.set_defaults(func=train_cli.main)

@@ -19,17 +19,24 @@ import threading
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
+from .bench import add_speed_arguments, check_speed_arguments
 from .checkpoints import check_dit_file, load_dit
 from .errors import CheckpointError, SelfForcingError
-from .io import DTYPES, check_writable, compute_dtype, peek_keys
+from .io import DTYPES, atomic_path, check_writable, compute_dtype
+from .weights import peek_keys
 from .pipeline import Timings, decode_stream
-from .latents import latent_frames_for, latent_size_for, video_frames_for
+from .latents import denormalize, latent_frames_for, latent_size_for, video_frames_for
 from .sources import EncodedVideo
 from .steering import BLEND_MODES, PromptInbox
 from .stream import CONTEXT_SOURCES, PromptSegment, PromptTimeline, Stream, StreamSettings
+from .text import inspect_text_encoder, load_text_encoder, read_embedded_tokenizer
 from .timeline import parse_timeline
+from .vae import detect_decoder_kind, load_decoder, load_encoder
+from .video import VideoWriter, iter_video, probe_video, read_image, write_frames_png
 from .wan.forward import WanBackbone
+from .wan.fp8 import quantize_linears
 
 
 
@@ -84,8 +91,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=list(DTYPES), default=None, help="default: bf16 on GPU, fp32 on CPU")
     p.add_argument("--attn", default="auto")
-    from .bench import add_speed_arguments
-
     add_speed_arguments(p)
     p.add_argument("--text-device", default="cpu", help="where the text encoder runs (freed after encoding)")
     p.add_argument("--output", "-o", required=True, help="MP4 path (written to a temporary file, then renamed)")
@@ -130,23 +135,17 @@ def preflight(args) -> dict:
     text = Path(args.timeline_file).read_text() if args.timeline_file else args.prompt
     timeline = parse_timeline(text, args.fps, args.frames_per_chunk)
 
-    from .bench import check_speed_arguments
-
     check_speed_arguments(args)
     check_dit_file(args.model)
     decoder_path = args.vae if args.decoder == "wan" else args.taehv
     if decoder_path is None:
         raise SelfForcingError(f"--decoder {args.decoder} needs --{'vae' if args.decoder == 'wan' else 'taehv'} PATH")
-    from .vae import detect_decoder_kind
-
     kind = detect_decoder_kind(peek_keys(decoder_path))
     if kind != args.decoder:
         what = {"wan": "a Wan2.1 VAE", "taehv": "a TAEHV tiny decoder", None: "not a video decoder"}[kind]
         raise CheckpointError(f"{decoder_path}: expected {'a Wan2.1 VAE' if args.decoder == 'wan' else 'TAEHV'} "
                               f"for --decoder {args.decoder}, but the file is {what}")
     encoder_path = _check_encoder(args)
-    from .text import inspect_text_encoder, read_embedded_tokenizer
-
     inspect_text_encoder(args.text_encoder)
     if args.tokenizer is None and read_embedded_tokenizer(args.text_encoder) is None:
         raise SelfForcingError(
@@ -162,8 +161,6 @@ def _check_input_video(args) -> dict | None:
     if args.input_video is None:
         args.width, args.height = args.width or 832, args.height or 480
         return None
-    from .video import probe_video
-
     info = probe_video(args.input_video)
     vw, vh = info["width"], info["height"]
     if (args.width or vw, args.height or vh) != (vw, vh):
@@ -203,11 +200,6 @@ def _check_encoder(args) -> str | None:
 
 def save_latents(path, z: torch.Tensor) -> None:
     """Normalised latents -> a ComfyUI-style .latent file (un-normalised, key 'latent_tensor'), atomically."""
-    from safetensors.torch import save_file
-
-    from .io import atomic_path
-    from .latents import denormalize
-
     with atomic_path(path) as tmp:
         save_file({"latent_tensor": denormalize(z).contiguous(), "latent_format_version_0": torch.tensor([])}, str(tmp))
 
@@ -220,8 +212,6 @@ def encode_one(te, prompt: str) -> torch.Tensor:
 
 def encode_timeline(args, timeline: list[tuple[int, str]], keep: bool = False):
     """-> (PromptTimeline, the text encoder if `keep` else None)."""
-    from .text import load_text_encoder
-
     te = load_text_encoder(args.text_encoder, tokenizer=args.tokenizer, device=args.text_device)
     segments = [PromptSegment(c, encode_one(te, p), label=p) for c, p in timeline]
     if not keep:
@@ -257,13 +247,8 @@ def run(args, log=print) -> dict:
     dtype = compute_dtype(args.dtype, device)
     timeline, te = encode_timeline(args, plan["timeline"], keep=args.interactive)
 
-    from .vae import load_decoder, load_encoder
-    from .video import VideoWriter, iter_video, read_image, write_frames_png
-
     model, ckpt = load_dit(args.model, device=device, dtype=dtype, keep_fp8=args.fp8)
     if args.fp8:
-        from .wan.fp8 import quantize_linears
-
         quantize_linears(model)
     backbone = WanBackbone(model, dtype=dtype, attn=args.attn, compile=args.compile,
                            graphs=args.cuda_graphs)
@@ -315,8 +300,6 @@ def run(args, log=print) -> dict:
     if args.latents_out:
         save_latents(args.latents_out, torch.cat(latents, dim=2))
     if args.timeline_out:
-        from .io import atomic_path
-
         with atomic_path(args.timeline_out) as tmp:
             Path(tmp).write_text(timeline_text(stream.replay_timeline()))
         log(f"timeline of the prompts applied: {args.timeline_out} (replay with --timeline-file and the same flags)")

@@ -38,10 +38,12 @@ from typing import Iterator, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
 from torch import nn
 
 from .errors import CheckpointError, SelfForcingError
-from .io import SAFETENSORS_SUFFIXES, atomic_path, read_state_dict
+from .io import atomic_path
+from .weights import SAFETENSORS_SUFFIXES, read_state_dict
 
 #: Every Linear of the DiT blocks (what LongLive trains): self-attn q/k/v/o, cross-attn q/k/v/o, FFN.
 DEFAULT_TARGETS: tuple[str, ...] = tuple(
@@ -376,8 +378,6 @@ class LoRA(nn.Module):
              metadata: Mapping[str, str] | None = None) -> None:
         """Write a .safetensors file that ComfyUI's stock LoraLoader applies to a Wan model (atomic:
         a temp file renamed into place). Metadata records rank, alpha and targets."""
-        from safetensors.torch import save_file
-
         if not str(path).lower().endswith(SAFETENSORS_SUFFIXES):
             raise SelfForcingError(f"cannot save a LoRA to {path}: use a .safetensors file name")
         ranks = sorted({layer.rank for layer in self.layers.values()})

@@ -20,6 +20,8 @@ from typing import Iterator
 
 import torch
 
+from .video import to_uint8_frames
+
 _END = object()
 
 
@@ -60,8 +62,6 @@ def overlapped(stream, decoders: list, timings, ahead: int = 2) -> Iterator[tupl
     Yields, per chunk in order: (chunk, [frames per decoder: [n, H, W, 3] uint8 CPU], dit_s, [decode_s],
     clean_at, clean_perf) where clean_perf is time.perf_counter() when the chunk was clean.
     """
-    from .pipeline import to_uint8_frames
-
     device = stream.backbone.device
     cuda = device.type == "cuda"
     stop = threading.Event()

@@ -10,6 +10,8 @@ Timing is taken by this consumer after each chunk (a device sync here is measure
 
 from __future__ import annotations
 
+import queue
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -18,6 +20,8 @@ import torch
 
 from .overlap import overlapped
 from .stream import Chunk, Stream
+from .timing import synchronize
+from .video import to_uint8_frames
 
 
 @dataclass
@@ -63,11 +67,6 @@ def _r(v):
     return None if v is None else round(v, 4)
 
 
-def to_uint8_frames(pixels: torch.Tensor) -> torch.Tensor:
-    """Decoder output [B, 3, n, H, W] in [-1, 1] -> [n, H, W, 3] uint8 of the first batch item (CPU)."""
-    return ((pixels[0].permute(1, 2, 3, 0).float() + 1) * 127.5).clamp(0, 255).round().to(torch.uint8).cpu()
-
-
 def decode_stream(stream: Stream, decoder=None, timings: Timings | None = None, *, overlap: bool = False,
                   preview=None) -> Iterator[StepResult]:
     """Run `stream`, decoding each chunk with a streaming `decoder` (or not, if None).
@@ -101,10 +100,9 @@ def decode_stream(stream: Stream, decoder=None, timings: Timings | None = None, 
 def _inline(stream: Stream, decoders: list):
     """Chunks decoded in the generating thread, one after the other (the reference for `overlapped`)."""
     device = stream.backbone.device
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     last = time.perf_counter()
     for chunk in stream:
-        sync()
+        synchronize(device)
         clean = time.perf_counter()
         clean_at = time.monotonic()
         frames, dec_s = [], []
@@ -128,9 +126,6 @@ class Background:
     _DONE = object()
 
     def __init__(self, make_iter, max_ahead: int = 4, grad: bool = False):
-        import queue
-        import threading
-
         self._queue: "queue.Queue" = queue.Queue(maxsize=max_ahead)
         self._stop = threading.Event()
         self._ready = 0  # items produced and not yet consumed (the end marker not counted)
@@ -160,8 +155,6 @@ class Background:
         self._thread.start()
 
     def _put_done(self):
-        import queue
-
         while True:
             try:
                 self._queue.put(self._DONE, timeout=0.1)

@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import math
 import os
-import struct
-import zlib
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
+import av
 import numpy as np
 import torch
+from PIL import Image, UnidentifiedImageError
 
 from .errors import SelfForcingError
 from .io import atomic_path, check_writable
@@ -53,6 +53,11 @@ def as_uint8_frames(frames: Any) -> np.ndarray:
     return np.ascontiguousarray(arr)
 
 
+def to_uint8_frames(pixels: torch.Tensor) -> torch.Tensor:
+    """Decoder output [B, 3, n, H, W] in [-1, 1] -> [n, H, W, 3] uint8 of the first batch item (CPU)."""
+    return ((pixels[0].permute(1, 2, 3, 0).float() + 1) * 127.5).clamp(0, 255).round().to(torch.uint8).cpu()
+
+
 def _pad_even(arr: np.ndarray) -> np.ndarray:
     ph, pw = arr.shape[1] % 2, arr.shape[2] % 2
     if ph or pw:
@@ -69,8 +74,6 @@ class VideoWriter:
     """
 
     def __init__(self, path: str | os.PathLike, fps: float = DEFAULT_FPS, *, crf: int = 19, preset: str = "medium"):
-        import av  # noqa: F401  (fail here, not mid-generation, when PyAV is missing)
-
         self.path = check_writable(path)
         fmt = _CONTAINERS.get(self.path.suffix.lower())
         if fmt is None:
@@ -102,8 +105,6 @@ class VideoWriter:
             self.abort()
 
     def _open_stream(self, height: int, width: int) -> None:
-        import av
-
         codec = "libx264" if "libx264" in av.codecs_available else "h264"
         stream = self._container.add_stream(codec, rate=self.fps)
         stream.width, stream.height = width + width % 2, height + height % 2
@@ -115,8 +116,6 @@ class VideoWriter:
 
     def write(self, frames: Any) -> None:
         """Append frames [T, H, W, 3] (or one [H, W, 3]); uint8 or float 0..1, torch or numpy."""
-        import av
-
         if self._done:
             raise SelfForcingError(f"{self.path}: the video writer is already closed")
         arr = as_uint8_frames(frames)
@@ -171,8 +170,6 @@ class VideoWriter:
 
 def read_video(path: str | os.PathLike) -> tuple[torch.Tensor, float]:
     """Decode a video file -> (frames uint8 [T, H, W, 3] RGB, fps)."""
-    import av
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such video file")
@@ -192,8 +189,6 @@ def read_video(path: str | os.PathLike) -> tuple[torch.Tensor, float]:
 
 def probe_video(path: str | os.PathLike) -> dict:
     """Size, frame count (0 when the container does not say) and frame rate of a video file, without decoding."""
-    import av
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such video file")
@@ -212,8 +207,6 @@ def probe_video(path: str | os.PathLike) -> dict:
 def iter_video(path: str | os.PathLike, first: int = 9, then: int = 12):
     """Decode a video file a few frames at a time: uint8 batches [n, H, W, 3], `first` frames then `then` at a
     time (1 + 4k, then 4k: what a stream's chunks take); the last batch may be shorter."""
-    import av
-
     try:
         with av.open(str(path)) as container:
             batch, size = [], first
@@ -230,8 +223,6 @@ def iter_video(path: str | os.PathLike, first: int = 9, then: int = 12):
 
 def read_image(path: str | os.PathLike, width: int, height: int) -> torch.Tensor:
     """An image file -> uint8 [1, height, width, 3]: scaled to cover the size (bilinear), then centre-cropped."""
-    from PIL import Image, UnidentifiedImageError
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such image file")
@@ -248,20 +239,6 @@ def read_image(path: str | os.PathLike, width: int, height: int) -> torch.Tensor
         raise SelfForcingError(f"{path}: not a readable image ({e})") from e
 
 
-def png_bytes(image: np.ndarray, level: int = 4) -> bytes:
-    """uint8 RGB [H, W, 3] -> a PNG file's bytes (8-bit truecolour, no filtering)."""
-    h, w, _ = image.shape
-    rows = np.empty((h, 1 + 3 * w), dtype=np.uint8)
-    rows[:, 0] = 0  # filter type "none" for every scanline
-    rows[:, 1:] = image.reshape(h, 3 * w)
-
-    def chunk(tag: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
-
-    header = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows.tobytes(), level)) + chunk(b"IEND", b"")
-
-
 def write_frames_png(folder: str | os.PathLike, frames: Any, start_index: int = 0, prefix: str = "frame_") -> list[Path]:
     """Write frames [T, H, W, 3] as folder/{prefix}{start_index + i:06d}.png (each atomically);
     the folder is created if needed. Returns the paths written."""
@@ -275,6 +252,6 @@ def write_frames_png(folder: str | os.PathLike, frames: Any, start_index: int = 
     for i, image in enumerate(arr):
         target = folder / f"{prefix}{start_index + i:06d}.png"
         with atomic_path(target) as tmp:
-            tmp.write_bytes(png_bytes(image))
+            Image.fromarray(image).save(tmp, format="PNG", compress_level=4)
         paths.append(target)
     return paths

@@ -19,7 +19,7 @@ What is written (names relative to their ComfyUI folder, all deterministic for a
   UNETLoader cannot load this one, only our pack's loader.
 - text_encoders/tiny_umt5_xxl.safetensors        UMT5 encoder in ComfyUI/HF names with the tokenizer as the uint8
   ``spiece_model`` tensor (fp16, like umt5_xxl_fp16). d_model 4096 (the DiT's text_dim) but 2 blocks,
-  2 heads x d_kv 8, d_ff 16 and a 200-piece vocabulary (sf_core.text.testing.write_tiny_umt5).
+  2 heads x d_kv 8, d_ff 16 and a 200-piece vocabulary (fixtures.text.write_tiny_umt5).
   ComfyUI builds that encoder from a FIXED json (comfy/text_encoders/umt5_config_xxl.json), so the server
   must run with the test shim (``SHIM_DIR``) and ``env["SF_TEST_UMT5_CONFIG"]`` = the tiny json written here.
   ComfyUI's ``detect_te_model`` also only calls a file UMT5/T5-XXL when it has block 23
@@ -31,7 +31,7 @@ What is written (names relative to their ComfyUI folder, all deterministic for a
 - vae/tiny_wan_2.1_vae.safetensors               Wan2.1 VAE, same 194 names as Wan2.1_VAE, base dim 8. ComfyUI
   takes dim from ``decoder.head.0.gamma`` and hard-codes dim_mult (1,2,4,4), 2 res blocks, no attn scales,
   temporal downsample (F,T,T) and 16 latent channels - exactly sf_core's ``WanVAEConfig`` defaults, so
-  ``sf_core.vae.testing.write_tiny_wan_vae`` is used as is.
+  ``fixtures.vae.write_tiny_wan_vae`` is used as is.
 - vae_approx/taew2_1_tiny.pth                    TAEHV (taew2_1 layout, decoder channels 32/16/8/8) for our pack's
   preview/fast decoder. ComfyUI's own TAEHV has FIXED channels (256,128,64,64 / encoder 64), so this file is
   for our loader only; its name deliberately does not start with one of ComfyUI's video TAE prefixes
@@ -56,9 +56,9 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from sf_core.config import WanConfig  # noqa: E402
-from sf_core.testing import tiny_dit_state_dict, write_dit  # noqa: E402
-from sf_core.text.testing import train_tiny_sentencepiece, write_tiny_umt5  # noqa: E402
-from sf_core.text.umt5 import UMT5Config  # noqa: E402
+from fixtures.dit import tiny_dit_state_dict, write_dit  # noqa: E402
+from fixtures.text import train_tiny_sentencepiece, write_tiny_umt5  # noqa: E402
+from sf_core.text import UMT5Config  # noqa: E402
 
 SHIM_DIR = Path(__file__).resolve().parent / "comfy_shim" / "sf_test_shim"
 UMT5_CONFIG_ENV = "SF_TEST_UMT5_CONFIG"
@@ -101,7 +101,7 @@ def write_comfy_tiny_models(models_dir: str | os.PathLike, seed: int = 0, dit_dt
          "paths": {same keys: abs path}, "dit_config": WanConfig, "umt5_config_obj": UMT5Config,
          "text_dim": 4096, "vocab_size": int}
     """
-    from sf_core.vae.testing import write_tiny_taehv, write_tiny_wan_vae
+    from fixtures.vae import write_tiny_taehv, write_tiny_wan_vae
 
     models_dir = Path(models_dir).resolve()
     dirs = {k: models_dir / k for k in ("diffusion_models", "text_encoders", "vae", "vae_approx", "loras")}
@@ -124,7 +124,7 @@ def write_comfy_tiny_models(models_dir: str | os.PathLike, seed: int = 0, dit_dt
     paths["vae"] = write_tiny_wan_vae(dirs["vae"] / "tiny_wan_2.1_vae.safetensors", seed=seed)
     paths["taehv"] = write_tiny_taehv(dirs["vae_approx"] / "taew2_1_tiny.pth", seed=seed)
     if stock_taehv:
-        from sf_core.vae.testing import make_tiny_taehv_state_dict, save_state_dict
+        from fixtures.vae import make_tiny_taehv_state_dict, save_state_dict
 
         full = make_tiny_taehv_state_dict((256, 128, 64, 64), encoder_channels=64, seed=seed)
         paths["taehv_stock"] = save_state_dict(full, dirs["vae_approx"] / "lighttaew2_1.safetensors")

@@ -12,7 +12,7 @@ if str(ROOT) not in sys.path:
 torch.set_num_threads(1)
 
 from sf_core.config import WanConfig  # noqa: E402
-from sf_core.testing import tiny_dit_state_dict  # noqa: E402
+from fixtures.dit import tiny_dit_state_dict  # noqa: E402
 from sf_core.wan import WanBackbone, WanModel  # noqa: E402
 
 

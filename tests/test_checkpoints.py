@@ -13,17 +13,11 @@ from safetensors.torch import save_file
 from sf_core.checkpoints import load_dit, load_dit_checkpoint, normalize_keys
 from sf_core.config import WanConfig
 from sf_core.errors import CheckpointError
-from sf_core.testing import LAYOUTS, tiny_dit_state_dict, write_dit
+from fixtures import key_list
+from fixtures.dit import LAYOUTS, tiny_dit_state_dict, write_dit
 from sf_core.wan import WanBackbone, WanModel
 
-FORMATS = Path(__file__).resolve().parents[2] / "shared" / "formats"
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _formats_dir():
-    if not FORMATS.is_dir():
-        pytest.skip(f"key lists not found at {FORMATS}")
-    return FORMATS
 
 
 def _meta_keys(name):
@@ -32,14 +26,13 @@ def _meta_keys(name):
 
 
 @pytest.mark.parametrize("fname, preset", [
-    ("selfforcing_official_1.3B.json", "1.3B"),
-    ("wan21_t2v_1.3B_original.json", "1.3B"),
-    ("wan21_t2v_1.3B_diffusers.json", "1.3B"),
-    ("wan21_t2v_14B_original.json", "14B"),
+    ("selfforcing_official_1.3B", "1.3B"),
+    ("wan21_t2v_1.3B_original", "1.3B"),
+    ("wan21_t2v_1.3B_diffusers", "1.3B"),
+    ("wan21_t2v_14B_original", "14B"),
 ])
 def test_real_key_lists_normalise_to_wan_names(fname, preset):
-    spec = json.loads((_formats_dir() / fname).read_text())
-    sd = {k: torch.empty(shape, device="meta") for k, (shape, _dtype) in spec["keys"].items()}
+    sd = {k: torch.empty(shape, device="meta") for k, (shape, _dtype) in key_list(fname).items()}
     wan, _ = normalize_keys(sd, fname)
     expected = _meta_keys(preset)
     assert set(wan) == set(expected)

@@ -39,7 +39,7 @@ def comfy(tmp_path_factory):
     server.add_model("text_encoders", p["text_encoder"], src.TE)
     server.add_model("vae", p["vae"], src.VAE)
     _write_lora_and_merged(server, p["dit"])
-    from sf_core.testing import to_diffusers
+    from fixtures.dit import to_diffusers
     from safetensors.torch import load_file, save_file
 
     folder = server.model_dirs["diffusion_models"] / "tiny_diffusers" / "transformer"

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 from sf_core.config import WanConfig
-from sf_core.testing import tiny_dit_state_dict
+from fixtures.dit import tiny_dit_state_dict
 from sf_core.wan import WanBackbone, WanModel
 
 _SCRIPT = """

@@ -8,7 +8,7 @@ import torch
 from sf_core.errors import SelfForcingError
 from sf_core.latents import normalize
 from sf_core.vae import TAEHV, WanVAE
-from sf_core.vae.testing import make_tiny_taehv_state_dict, make_tiny_wan_vae_state_dict
+from fixtures.vae import make_tiny_taehv_state_dict, make_tiny_wan_vae_state_dict
 
 
 @pytest.fixture(scope="module")

@@ -66,7 +66,7 @@ def test_quantized_model_close_to_the_reference(tiny_model, tiny_config, text):
 
 def test_fp8_file_weights_are_kept_not_requantized(tmp_path, tiny_config):
     from sf_core.checkpoints import load_dit
-    from sf_core.testing import tiny_dit_state_dict, write_dit
+    from fixtures.dit import tiny_dit_state_dict, write_dit
 
     sd = tiny_dit_state_dict(tiny_config)
     key = "blocks.0.ffn.0.weight"

@@ -10,7 +10,7 @@ import pytest
 from sf_core.cli import build_parser
 from sf_core.config import WanConfig
 from sf_core.errors import CheckpointError, SelfForcingError
-from sf_core.testing import tiny_dit_state_dict, write_dit
+from fixtures.dit import tiny_dit_state_dict, write_dit
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXT_DIM = 32  # the tiny UMT5's width
@@ -18,8 +18,8 @@ TEXT_DIM = 32  # the tiny UMT5's width
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    from sf_core.text.testing import write_tiny_umt5
-    from sf_core.vae.testing import write_tiny_taehv, write_tiny_wan_vae
+    from fixtures.text import write_tiny_umt5
+    from fixtures.vae import write_tiny_taehv, write_tiny_wan_vae
 
     d = tmp_path_factory.mktemp("models")
     cfg = WanConfig(dim=256, ffn_dim=512, num_heads=2, num_layers=2, text_dim=TEXT_DIM, freq_dim=64)

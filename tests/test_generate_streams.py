@@ -11,7 +11,7 @@ import torch
 from sf_core.cli import build_parser
 from sf_core.config import WanConfig
 from sf_core.errors import SelfForcingError
-from sf_core.testing import tiny_dit_state_dict, write_dit
+from fixtures.dit import tiny_dit_state_dict, write_dit
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -20,8 +20,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def files(tmp_path_factory):
     from PIL import Image
 
-    from sf_core.text.testing import write_tiny_umt5
-    from sf_core.vae.testing import write_tiny_taehv, write_tiny_wan_vae
+    from fixtures.text import write_tiny_umt5
+    from fixtures.vae import write_tiny_taehv, write_tiny_wan_vae
     from sf_core.video import VideoWriter
 
     d = tmp_path_factory.mktemp("models")

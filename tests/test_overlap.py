@@ -12,7 +12,7 @@ from sf_core.stream import Stream, StreamSettings
 @pytest.fixture(scope="module")
 def decoders():
     from sf_core.vae import decoder_from_state_dict, vae_from_state_dict
-    from sf_core.vae.testing import make_tiny_taehv_state_dict, make_tiny_wan_vae_state_dict
+    from fixtures.vae import make_tiny_taehv_state_dict, make_tiny_wan_vae_state_dict
 
     return vae_from_state_dict(make_tiny_wan_vae_state_dict(8)), decoder_from_state_dict(make_tiny_taehv_state_dict())
 

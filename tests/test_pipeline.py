@@ -6,13 +6,14 @@ import time
 import pytest
 import torch
 
-from sf_core.pipeline import Background, Timings, decode_stream, to_uint8_frames
+from sf_core.pipeline import Background, Timings, decode_stream
+from sf_core.video import to_uint8_frames
 from sf_core.stream import Stream
 
 
 def test_decode_stream_yields_frames_per_chunk_and_sums_timings(backbone, text):
     from sf_core.vae import vae_from_state_dict
-    from sf_core.vae.testing import make_tiny_wan_vae_state_dict
+    from fixtures.vae import make_tiny_wan_vae_state_dict
 
     vae = vae_from_state_dict(make_tiny_wan_vae_state_dict(8))
     stream = Stream(backbone, text, latent_height=8, latent_width=8, num_frames=7, generator=0)

@@ -15,7 +15,8 @@ import torch
 from sf_core.errors import CheckpointError, SelfForcingError
 from sf_core.latents import normalize
 from sf_core.vae import TAEHV, WanVAE, infer_taehv_config, load_decoder, load_vae
-from sf_core.vae.testing import (
+from fixtures import key_list
+from fixtures.vae import (
     make_tiny_taehv_state_dict,
     make_tiny_wan_vae_state_dict,
     save_state_dict,
@@ -49,19 +50,8 @@ def _z(b=1, t=7, h=2, w=3, seed=0):
     return torch.randn(b, 16, t, h, w, generator=g)
 
 
-def _formats_dir() -> Path | None:
-    cands = []
-    if os.environ.get("SF_SHARED_DIR"):
-        cands.append(Path(os.environ["SF_SHARED_DIR"]) / "formats")
-    cands += [ROOT / "shared" / "formats", ROOT.parent / "shared" / "formats"]
-    return next((c for c in cands if (c / "taehv_wan21.json").is_file()), None)
-
-
 def test_real_key_list_matches_meta_module():
-    fmt = _formats_dir()
-    if fmt is None:
-        pytest.skip("shared/formats/taehv_wan21.json not found (set SF_SHARED_DIR)")
-    keys = json.loads((fmt / "taehv_wan21.json").read_text())["keys"]
+    keys = key_list("taehv_wan21")
     expected = {k: tuple(v[0]) for k, v in keys.items()}
     cfg = infer_taehv_config({k: torch.empty(s, device="meta") for k, s in expected.items()})
     assert cfg.decoder_channels == (256, 128, 64, 64) and cfg.encoder_channels == 64

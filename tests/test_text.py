@@ -5,9 +5,11 @@ from __future__ import annotations
 import math
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from sf_core.errors import CheckpointError, SelfForcingError
 from sf_core.text import (
@@ -17,8 +19,11 @@ from sf_core.text import (
     load_text_encoder,
     load_tokenizer,
 )
-from sf_core.text import umt5 as umt5_module
-from sf_core.text.testing import (
+from sf_core import weights
+from sf_core.text import model as text_model
+from sf_core.text.layouts import analyse
+from fixtures import key_list
+from fixtures.text import (
     TINY_CONFIG,
     random_umt5_weights,
     tiny_sentences,
@@ -130,8 +135,6 @@ def test_hf_and_wan_layouts_give_identical_embeddings(files, tmp_path):
 
 
 def test_prefixed_hf_names_load(files, tmp_path):
-    from safetensors.torch import load_file, save_file
-
     sd = load_file(str(files["hf16"]))
     save_file({("spiece_model" if k == "spiece_model" else "umt5xxl.transformer." + k): v for k, v in sd.items()},
               str(tmp_path / "prefixed.safetensors"))
@@ -159,7 +162,7 @@ E4M3_SUBNORMAL_HALF_STEP = 2.0 ** -10  # subnormal spacing 2^-9 (in units of the
 def test_fp8_weights_stay_fp8_and_dequantise_within_e4m3_precision(files):
     te = load_text_encoder(files["fp8"])
     orig = random_umt5_weights(TINY_CONFIG, seed=0)
-    linears = [(n, m) for n, m in te.model.named_modules() if isinstance(m, umt5_module.Linear)]
+    linears = [(n, m) for n, m in te.model.named_modules() if isinstance(m, text_model.Linear)]
     assert len(linears) == 7 * TINY_CONFIG.num_layers
     for name, lin in linears:
         assert lin.weight.dtype == torch.float8_e4m3fn, "fp8 weights must be kept in fp8 (memory)"
@@ -216,8 +219,6 @@ def test_fp8_dequantised_at_load_equals_dequantised_at_use(files):
 
 
 def test_fp8_weight_scale_spelling_and_per_row_scales(files, tmp_path):
-    from safetensors.torch import load_file, save_file
-
     sd = load_file(str(files["fp8"]))
     out = {}
     for k, v in sd.items():
@@ -310,8 +311,8 @@ def no_tensor_reads(monkeypatch):
     def boom(self, key):
         raise AssertionError(f"tensor data read ({key}) before the file was validated")
 
-    monkeypatch.setattr(umt5_module._SafetensorsReader, "read", boom)
-    monkeypatch.setattr(umt5_module._DictReader, "read", boom)
+    monkeypatch.setattr(weights.SafetensorsReader, "read", boom)
+    monkeypatch.setattr(weights.DictReader, "read", boom)
 
 
 @pytest.mark.parametrize("kind, words", [("dit", "diffusion model"), ("vae", "VAE"), ("t5", "T5 v1.1")])
@@ -327,15 +328,7 @@ def test_foreign_file_rejected_before_reading_tensors(tmp_path, kind, words, no_
 
 def test_real_dit_key_list_rejected(tmp_path, no_tensor_reads):
     """The key list of the real Wan 1.3B DiT (shapes only; zero-size data not needed: header is enough)."""
-    import json
-    from pathlib import Path
-
-    ref = Path("/work/shared/formats/wan21_t2v_1.3B_original.json")
-    if not ref.is_file():
-        pytest.skip("reference key lists not available")
-    keys = list(json.loads(ref.read_text())["keys"])
-    from safetensors.torch import save_file
-
+    keys = list(key_list("wan21_t2v_1.3B_original"))
     save_file({k: torch.zeros(1, dtype=torch.float16) for k in keys}, str(tmp_path / "dit.safetensors"))
     with pytest.raises(CheckpointError, match="DiT"):
         load_text_encoder(tmp_path / "dit.safetensors")
@@ -356,11 +349,7 @@ def test_truncated_file_is_reported(files, tmp_path):
         load_text_encoder(tmp_path / "cut.safetensors")
 
 
-def test_missing_tokenizer_is_reported_before_loading_weights(files, tmp_path, monkeypatch):
-    def boom(*a, **k):
-        raise AssertionError("weights were loaded before the tokenizer check")
-
-    monkeypatch.setattr(umt5_module, "_fill", boom)
+def test_missing_tokenizer_is_reported_before_loading_weights(files, tmp_path, no_tensor_reads):
     no_tok = write_tiny_umt5(tmp_path / "notok.safetensors", "comfy_hf", spiece=None)
     for path in (files["wan32"], no_tok):
         t0 = time.perf_counter()
@@ -412,7 +401,7 @@ def test_loading_never_initialises_and_holds_each_tensor_once(files, monkeypatch
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
 def test_peak_rss_growth_is_about_one_copy_of_the_weights(tmp_path):
-    from sf_core.text.bench import measure_in_subprocess
+    from sf_core.bench import measure_in_subprocess
 
     cfg = UMT5Config(vocab_size=8000, dim=1024, ffn_dim=2816, num_heads=16, head_dim=64, num_layers=6)
     path = write_tiny_umt5(tmp_path / "mid.safetensors", "comfy_hf", config=cfg, dtype=torch.bfloat16)
@@ -434,17 +423,11 @@ def test_xxl_config_facts():
 
 
 def test_xxl_key_lists_are_recognised(tmp_path):
-    """The real XXL key lists (shapes from /work/shared/formats) map onto the XXL config."""
-    import json
-    from pathlib import Path
-
-    base = Path("/work/shared/formats")
-    if not base.is_dir():
-        pytest.skip("reference key lists not available")
-    for name, layout in (("umt5_xxl_comfy_hf_names.json", "comfy_hf"), ("umt5_xxl_wan_native.json", "wan")):
-        keys = json.loads((base / name).read_text())["keys"]
-        entries = {k: umt5_module.TensorInfo(tuple(v[0]) if v[0] != ["N"] else (4,), torch.float16)
+    """The real XXL key lists (tests/fixtures/formats) map onto the XXL config."""
+    for name, layout in (("umt5_xxl_comfy_hf_names", "comfy_hf"), ("umt5_xxl_wan_native", "wan")):
+        keys = key_list(name)
+        entries = {k: weights.TensorInfo(tuple(v[0]) if v[0] != ["N"] else (4,), torch.float16)
                    for k, v in keys.items()}
-        info = umt5_module._analyse(Path(name), entries)
+        info = analyse(Path(name), entries)
         assert info.layout == layout and info.config == UMT5Config()
         assert info.has_tokenizer == (layout == "comfy_hf")

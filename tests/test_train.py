@@ -7,7 +7,7 @@ from sf_core.config import WanConfig
 from sf_core.errors import SelfForcingError
 from sf_core.lora import LoRA
 from sf_core.schedule import FlowSchedule
-from sf_core.testing import tiny_dit_state_dict
+from fixtures.dit import tiny_dit_state_dict
 from sf_core.train import TrainSettings, Trainer, dmd_gradient, dmd_loss
 from sf_core.wan import WanBackbone, WanModel
 

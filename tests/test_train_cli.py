@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from sf_core.cli import build_parser
 from sf_core.config import WanConfig
 from sf_core.errors import CheckpointError, SelfForcingError
-from sf_core.testing import tiny_dit_state_dict, write_dit
+from fixtures.dit import tiny_dit_state_dict, write_dit
 
 ROOT = Path(__file__).resolve().parents[1]
 CFG = WanConfig(dim=256, ffn_dim=512, num_heads=2, num_layers=2, text_dim=32, freq_dim=64)
@@ -20,7 +20,7 @@ CFG = WanConfig(dim=256, ffn_dim=512, num_heads=2, num_layers=2, text_dim=32, fr
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    from sf_core.text.testing import write_tiny_umt5
+    from fixtures.text import write_tiny_umt5
 
     d = tmp_path_factory.mktemp("train")
     (d / "prompts.txt").write_text("a red fox in the snow\n\na cat on a roof\n")

@@ -123,7 +123,7 @@ def test_input_of_another_size_is_refused(backbone, text):
 def test_encoded_pixel_input_equals_pre_encoded_latents(backbone, text):
     """Pixels encoded chunk by chunk as the stream asks equal the whole video encoded up front."""
     from sf_core.vae import WanVAE
-    from sf_core.vae.testing import make_tiny_wan_vae_state_dict
+    from fixtures.vae import make_tiny_wan_vae_state_dict
 
     vae = WanVAE.from_state_dict(make_tiny_wan_vae_state_dict(base_dim=8, seed=1))
     g = torch.Generator().manual_seed(3)

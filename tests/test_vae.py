@@ -15,7 +15,8 @@ import torch
 from sf_core.errors import CheckpointError, SelfForcingError
 from sf_core.latents import denormalize
 from sf_core.vae import WanVAE, WanVAEConfig, infer_wan_vae_config, load_decoder, load_vae
-from sf_core.vae.testing import make_tiny_wan_vae_state_dict, save_state_dict, write_tiny_wan_vae
+from fixtures import key_list
+from fixtures.vae import make_tiny_wan_vae_state_dict, save_state_dict, write_tiny_wan_vae
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,14 +43,6 @@ def vae(sd):
 def _latent(b=1, t=7, h=2, w=3, seed=0):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(b, 16, t, h, w, generator=g) * 1.5
-
-
-def _formats_dir() -> Path | None:
-    cands = []
-    if os.environ.get("SF_SHARED_DIR"):
-        cands.append(Path(os.environ["SF_SHARED_DIR"]) / "formats")
-    cands += [ROOT / "shared" / "formats", ROOT.parent / "shared" / "formats"]
-    return next((c for c in cands if (c / "wan21_vae.json").is_file()), None)
 
 
 # ------------------------------------------------------------------------------------------
@@ -233,10 +226,7 @@ def test_config_inferred_from_shapes():
 
 
 def test_real_key_list_matches_meta_module():
-    fmt = _formats_dir()
-    if fmt is None:
-        pytest.skip("shared/formats/wan21_vae.json not found (set SF_SHARED_DIR)")
-    keys = json.loads((fmt / "wan21_vae.json").read_text())["keys"]
+    keys = key_list("wan21_vae")
     expected = {k: tuple(v[0]) for k, v in keys.items()}
     meta_sd = {k: torch.empty(s, device="meta") for k, s in expected.items()}
     cfg = infer_wan_vae_config(meta_sd)

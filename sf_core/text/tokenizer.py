@@ -1,13 +1,14 @@
 """UMT5 tokenizer: text -> token ids [B, L] with EOS appended, truncated and padded to L.
 
-Sources, in the order `load_tokenizer` tries them for a path:
+Sources, in the order `tokenizer_from` tries them for a path:
 - a sentencepiece model as bytes / a uint8 tensor (ComfyUI's text-encoder files carry it as the
   tensor ``spiece_model``), or a sentencepiece ``.model`` file;
 - a tokenizer folder in Hugging Face layout (e.g. ``google/umt5-xxl``, the one Wan's own pipeline
   uses): ``tokenizer.json`` through the ``tokenizers`` library when that is installed (that is what
   Wan's pipeline runs), else the folder's ``spiece.model`` through sentencepiece;
-- a ``tokenizer.json`` file (needs ``tokenizers``);
-- a ``.safetensors`` text-encoder file holding ``spiece_model``.
+- a ``tokenizer.json`` file (needs ``tokenizers``).
+(A text-encoder file holding ``spiece_model`` is opened by `sf_core.text.load_tokenizer`, which hands the
+bytes here.)
 
 Ids follow what the sentencepiece library gives for the model (no text cleaning on top). UMT5 appends
 EOS (id 1); a prompt longer than the length keeps its first L-1 pieces and EOS as the last token
@@ -20,9 +21,15 @@ import os
 from pathlib import Path
 from typing import Callable, Sequence, Union
 
+import sentencepiece
 import torch
 
 from ..errors import CheckpointError, SelfForcingError
+
+try:  # optional: only tokenizer.json files need it
+    import tokenizers
+except ImportError:
+    tokenizers = None
 
 DEFAULT_LENGTH = 512
 PAD_ID = 0
@@ -32,7 +39,7 @@ TokenizerSource = Union[str, os.PathLike, bytes, torch.Tensor, "Tokenizer"]
 
 
 class Tokenizer:
-    """Prompts -> (ids [B, L] int64, mask [B, L] bool). Build it with `load_tokenizer`."""
+    """Prompts -> (ids [B, L] int64, mask [B, L] bool). Build it with `tokenizer_from`."""
 
     def __init__(
         self,
@@ -73,10 +80,6 @@ class Tokenizer:
 
 
 def _sentencepiece_tokenizer(model_proto: bytes, source: str) -> Tokenizer:
-    try:
-        import sentencepiece
-    except ImportError as e:  # a declared dependency, but say what to do
-        raise SelfForcingError("the 'sentencepiece' package is needed for the UMT5 tokenizer: pip install sentencepiece") from e
     sp = sentencepiece.SentencePieceProcessor()
     try:
         sp.LoadFromSerializedProto(model_proto)
@@ -92,15 +95,13 @@ def _sentencepiece_tokenizer(model_proto: bytes, source: str) -> Tokenizer:
 
 
 def _tokenizer_json(path: Path) -> Tokenizer:
-    try:
-        from tokenizers import Tokenizer as HFTokenizer
-    except ImportError as e:
+    if tokenizers is None:
         raise SelfForcingError(
             f"{path}: reading tokenizer.json needs the 'tokenizers' package (pip install tokenizers); "
             "or pass the folder's spiece.model instead"
-        ) from e
+        )
     try:
-        tok = HFTokenizer.from_file(str(path))
+        tok = tokenizers.Tokenizer.from_file(str(path))
     except Exception as e:
         raise CheckpointError(f"{path}: not a readable tokenizer.json ({e})") from e
     tok.no_truncation()
@@ -122,13 +123,8 @@ def _tokenizer_json(path: Path) -> Tokenizer:
 
 def _from_folder(folder: Path) -> Tokenizer:
     tj, sp = folder / "tokenizer.json", folder / "spiece.model"
-    if tj.is_file():
-        try:
-            import tokenizers  # noqa: F401
-
-            return _tokenizer_json(tj)
-        except ImportError:
-            pass
+    if tj.is_file() and tokenizers is not None:
+        return _tokenizer_json(tj)
     if sp.is_file():
         return _sentencepiece_tokenizer(sp.read_bytes(), str(sp))
     if tj.is_file():
@@ -140,9 +136,9 @@ def _from_folder(folder: Path) -> Tokenizer:
     )
 
 
-def load_tokenizer(source: TokenizerSource) -> Tokenizer:
-    """A Tokenizer from a model proto (bytes or uint8 tensor), a .model / tokenizer.json / .safetensors
-    file or a tokenizer folder (see the module docstring). Raises CheckpointError saying what was found."""
+def tokenizer_from(source: TokenizerSource) -> Tokenizer:
+    """A Tokenizer from a model proto (bytes or uint8 tensor), a .model / tokenizer.json file or a
+    tokenizer folder (see the module docstring). Raises CheckpointError saying what was found."""
     if isinstance(source, Tokenizer):
         return source
     if isinstance(source, torch.Tensor):
@@ -159,11 +155,4 @@ def load_tokenizer(source: TokenizerSource) -> Tokenizer:
     suffix = path.suffix.lower()
     if suffix == ".json":
         return _tokenizer_json(path)
-    if suffix in (".safetensors", ".sft"):
-        from .umt5 import read_embedded_tokenizer  # local import: umt5 imports this module
-
-        data = read_embedded_tokenizer(path)
-        if data is None:
-            raise CheckpointError(f"{path}: holds no 'spiece_model' tensor, so it carries no tokenizer")
-        return _sentencepiece_tokenizer(data, f"{path}:spiece_model")
     return _sentencepiece_tokenizer(path.read_bytes(), str(path))

@@ -18,6 +18,7 @@ from ..checkpoints import check_dit_file, load_dit
 from ..errors import SelfForcingError
 from ..io import DTYPES, check_writable, compute_dtype
 from ..latents import latent_frames_for, latent_size_for
+from ..text import inspect_text_encoder, load_text_encoder
 from .trainer import TrainSettings, Trainer
 
 # The negative prompt Wan2.1 and the Self Forcing recipe use for the teacher's unconditional branch.
@@ -93,8 +94,6 @@ def preflight(args) -> tuple[TrainSettings, list[str], Path]:
     prompts = read_prompts(args.prompts)
     check_dit_file(args.model)
     check_dit_file(args.teacher)
-    from ..text import inspect_text_encoder
-
     if not inspect_text_encoder(args.text_encoder).has_tokenizer and args.tokenizer is None:
         raise SelfForcingError(f"{args.text_encoder} carries no tokenizer; pass --tokenizer")
     return settings, prompts, checkpoint
@@ -104,8 +103,6 @@ def run(args, log=print) -> dict:
     settings, prompts, checkpoint = preflight(args)
     device = torch.device(args.device)
     dtype = compute_dtype(args.dtype, device)
-    from ..text import load_text_encoder
-
     with load_text_encoder(args.text_encoder, tokenizer=args.tokenizer, device="cpu") as te:
         embeds = te.encode(prompts).float()
         negative = te.encode([args.negative]).float()

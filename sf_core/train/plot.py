@@ -5,14 +5,13 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from PIL import Image, ImageDraw
 
 COLORS = {"generator_loss": (230, 90, 60), "critic_loss": (60, 140, 230)}
 
 
 def loss_curve(history: list[dict], width: int = 640, height: int = 360) -> np.ndarray:
     """history of trainer records -> uint8 RGB [height, width, 3]; each loss on its own log scale band."""
-    from PIL import Image, ImageDraw
-
     img = Image.new("RGB", (width, height), (250, 250, 250))
     draw = ImageDraw.Draw(img)
     pad = 28

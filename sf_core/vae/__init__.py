@@ -19,7 +19,7 @@ from typing import Mapping, Union
 import torch
 
 from ..errors import CheckpointError
-from ..io import read_state_dict
+from ..weights import read_state_dict
 from .common import StreamDecoder, VideoDecoder, describe_state_dict, flatten_state_dict
 from .taehv import TAEHV, TAEHVConfig, TAEHVStreamDecoder, infer_taehv_config
 from .wan_vae import WanStreamDecoder, WanVAE, WanVAEConfig, infer_wan_vae_config

@@ -7,6 +7,7 @@ F = 1 + 4 * (T - 1), H = 8 * h, W = 8 * w.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from typing import Callable, Mapping, Protocol, runtime_checkable
 
@@ -155,8 +156,6 @@ class VideoAutoencoder(nn.Module):
     ):
         """Infer the config, check names and shapes strictly, and load. With ``decoder_only`` the encoder
         weights are checked but not kept (less memory)."""
-        import dataclasses
-
         cfg = cls.infer_config(sd, source)
         sd = cls.prepare_state_dict(sd, cfg)
         with torch.device("meta"):
@@ -489,21 +488,3 @@ def materialize(
     module.load_state_dict(cast, strict=True, assign=True)
     return module.eval().requires_grad_(False)
 
-
-def init_random_(module: nn.Module, seed: int = 0, gain: float = 1.0) -> nn.Module:
-    """Deterministic random weights with unit-variance-preserving scale (for tests and benches).
-
-    Conv weights ~ N(0, gain^2 / fan_in), biases ~ N(0, 0.05^2), norm scales ~ 1 + N(0, 0.1^2).
-    """
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if name.endswith("gamma"):
-                v = 1.0 + 0.1 * torch.randn(p.shape, generator=g)
-            elif name.endswith("bias"):
-                v = 0.05 * torch.randn(p.shape, generator=g)
-            else:
-                fan_in = max(1, p[0].numel())
-                v = torch.randn(p.shape, generator=g) * (gain / fan_in**0.5)
-            p.copy_(v.to(p.dtype))
-    return module

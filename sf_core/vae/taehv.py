@@ -32,7 +32,6 @@ from .common import (
     StreamEncoderBase,
     check_latent,
     describe_state_dict,
-    init_random_,
     to_normalized,
 )
 
@@ -395,15 +394,3 @@ def patch_tgrow(sd: Mapping[str, torch.Tensor], cfg: TAEHVConfig) -> dict[str, t
             out[key] = w[-want:]
     return out
 
-
-def random_taehv(
-    config: TAEHVConfig = TAEHVConfig(),
-    seed: int = 0,
-    device: str | torch.device = "cpu",
-    dtype: torch.dtype = torch.float32,
-) -> TAEHV:
-    """A TAEHV with deterministic random weights (tests, benchmarks)."""
-    m = init_random_(TAEHV(config), seed=seed)
-    with torch.no_grad():
-        m.decoder[-1].bias.add_(0.5)  # centre the raw output in its [0, 1] range
-    return m.to(device=device, dtype=dtype).eval().requires_grad_(False)

@@ -33,7 +33,6 @@ from .common import (
     StreamEncoderBase,
     check_latent,
     describe_state_dict,
-    init_random_,
     to_unnormalized,
 )
 
@@ -577,13 +576,3 @@ def infer_wan_vae_config(sd: Mapping[str, torch.Tensor], source: str = "state di
         has_encoder=has_encoder,
     )
 
-
-def random_wan_vae(
-    config: WanVAEConfig = WanVAEConfig(),
-    seed: int = 0,
-    device: str | torch.device = "cpu",
-    dtype: torch.dtype = torch.float32,
-) -> WanVAE:
-    """A Wan VAE with deterministic random weights (tests, benchmarks)."""
-    vae = init_random_(WanVAE(config), seed=seed)
-    return vae.to(device=device, dtype=dtype).eval().requires_grad_(False)

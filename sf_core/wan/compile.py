@@ -1,6 +1,6 @@
 """Regional compilation of the transformer block (opt-in `compile`).
 
-The block runs as two pure functions around its attention plan (`forward.block_pre` / `block_post`): the
+The block runs as two pure functions around its attention plan (`block.block_pre` / `block_post`): the
 plan reads and writes the KV cache with slot offsets that change every chunk, so it stays eager, and
 everything else of the block - norms, modulation, projections, RoPE, cross-attention, feed-forward - is
 compiled. The blocks are passed in as arguments, so one compiled graph serves all of them; graphs are built
@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 
 from ..errors import SelfForcingError
-from .forward import block_post, block_pre
+from .block import block_post, block_pre
 
 RECOMPILE_LIMIT = 16  # distinct token counts a process may compile (chunk, last chunk, prefix, re-caches)
 

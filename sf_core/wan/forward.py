@@ -11,7 +11,6 @@ attention run in the compute dtype (bf16 on GPU, fp32 on CPU).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -20,8 +19,11 @@ from torch import nn
 
 from ..config import WanConfig
 from .attention import resolve_backend
+from .block import PromptKV, modulate
+from .compile import block_kernels
+from .layers import feed
 from .plans import Bidirectional
-from .rope import apply_rope, rope_angles
+from .rope import rope_angles
 
 
 def sinusoidal_embedding(dim: int, t: torch.Tensor) -> torch.Tensor:
@@ -31,28 +33,6 @@ def sinusoidal_embedding(dim: int, t: torch.Tensor) -> torch.Tensor:
     freqs = torch.pow(10000.0, -torch.arange(half, dtype=dt, device=t.device) / half)
     args = t.to(dt)[:, None] * freqs[None]
     return torch.cat([torch.cos(args), torch.sin(args)], dim=1).float()
-
-
-@dataclass
-class PromptKV:
-    """Cross-attention keys/values of one prompt for every layer: kv[i] = (k, v), each [B, Lt, H, D]."""
-
-    kv: list[tuple[torch.Tensor, torch.Tensor]]
-
-    @property
-    def batch(self) -> int:
-        return self.kv[0][0].shape[0]
-
-
-def _feed(module: nn.Module, x: torch.Tensor, want: torch.dtype) -> torch.Tensor:
-    """Cast x for `module`: `want` if the module casts its weights at use (sf_core's layers, ComfyUI's
-    manual-cast ops), else the dtype of its weight (a plain layer needs matching dtypes)."""
-    from .modules import CASTING
-
-    w = getattr(module, "weight", None)
-    if isinstance(module, CASTING) or getattr(module, "comfy_cast_weights", False) or w is None:
-        return x.to(want)
-    return x.to(w.dtype if w.dtype.is_floating_point and w.element_size() >= 2 else want)
 
 
 def infer_config(dit: nn.Module) -> WanConfig:
@@ -93,8 +73,6 @@ class WanBackbone:
         self.dtype = dtype
         self.attn_backend, self.attn = resolve_backend(attn, self.device)
         self.checkpointing = checkpointing
-        from .compile import block_kernels
-
         self.kernels = block_kernels(compile, self.device)
         self.graphs = None
         if graphs:
@@ -117,7 +95,7 @@ class WanBackbone:
             )
         if text.shape[1] < cfg.text_len:
             text = torch.cat([text, text.new_zeros(text.shape[0], cfg.text_len - text.shape[1], text.shape[2])], 1)
-        ctx = self.dit.text_embedding(_feed(self.dit.text_embedding[0], text.to(self.device), self.dtype))
+        ctx = self.dit.text_embedding(feed(self.dit.text_embedding[0], text.to(self.device), self.dtype))
         B, L, _ = ctx.shape
         H, D = cfg.num_heads, cfg.head_dim
         kv = []
@@ -170,13 +148,13 @@ class WanBackbone:
         B, C, F, H, W = x.shape
         pf, ph, pw = cfg.patch_size
         h, w = H // ph, W // pw
-        tokens = dit.patch_embedding(_feed(dit.patch_embedding, x.to(self.device), self.dtype))  # [B, dim, F, h, w]
+        tokens = dit.patch_embedding(feed(dit.patch_embedding, x.to(self.device), self.dtype))  # [B, dim, F, h, w]
         tokens = tokens.flatten(2).transpose(1, 2).float()  # [B, F*h*w, dim], fp32 residual
         t = torch.as_tensor(t, device=self.device, dtype=torch.float32)
         t = t.reshape(-1, 1).expand(B, F) if t.ndim < 2 or t.shape[1] == 1 else t.expand(B, F)
         sin = sinusoidal_embedding(cfg.freq_dim, t.reshape(-1))
-        e = dit.time_embedding(_feed(dit.time_embedding[0], sin, torch.float32)).view(B, F, cfg.dim).float()
-        e0 = dit.time_projection(_feed(dit.time_projection[1], e, torch.float32)).unflatten(-1, (6, cfg.dim)).float()
+        e = dit.time_embedding(feed(dit.time_embedding[0], sin, torch.float32)).view(B, F, cfg.dim).float()
+        e0 = dit.time_projection(feed(dit.time_projection[1], e, torch.float32)).unflatten(-1, (6, cfg.dim)).float()
 
         for i, block in enumerate(dit.blocks):
             if self.checkpointing and torch.is_grad_enabled():
@@ -211,38 +189,3 @@ class WanBackbone:
         q, k, v, mod = self.kernels.pre(block, x, e0, rope, frames, H, dt)
         y = plan.attend(i, q, k, v, self.attn)
         return self.kernels.post(block, x, y, mod, cross_kv, frames, H, dt, self.attn)
-
-
-def modulate(x, shift, scale, frames: int):
-    """x [B, F*T, D] * (1 + scale) + shift with per-frame shift/scale [B, F, 1, D]."""
-    B, L, D = x.shape
-    return (x.float().view(B, frames, L // frames, D) * (1 + scale) + shift).view(B, L, D)
-
-
-def block_pre(block, x, e0, rope, frames: int, heads: int, dtype):
-    """Self-attention inputs of a block. x [B, L, dim] fp32 residual, e0 [B, F, 6, dim], rope (cos, sin)
-    [L, head_dim/2] -> q, k, v [B, L, H, head_dim] (RoPE on q, k) and the block's modulation [B, F, 6, dim]."""
-    B, L, _ = x.shape
-    mod = block.modulation.to(x.device, torch.float32)[None] + e0
-    shift1, scale1 = mod[:, :, 0:1], mod[:, :, 1:2]
-    m = block.self_attn
-    h = modulate(block.norm1(x), shift1, scale1, frames).to(dtype)
-    q = apply_rope(m.norm_q(m.q(h)).view(B, L, heads, -1), *rope)
-    k = apply_rope(m.norm_k(m.k(h)).view(B, L, heads, -1), *rope)
-    v = m.v(h).view(B, L, heads, -1)
-    return q, k, v, mod
-
-
-def block_post(block, x, y, mod, cross_kv, frames: int, heads: int, dtype, attn):
-    """The rest of a block after self-attention y [B, L, H, head_dim]: output projection, gated residual,
-    cross-attention to the prompt K/V, feed-forward. Returns the new residual x [B, L, dim] fp32."""
-    B, L, D = x.shape
-    _, _, gate1, shift2, scale2, gate2 = mod.unsqueeze(3).unbind(2)  # each [B, F, 1, D]
-    y = block.self_attn.o(y.flatten(2))
-    x = x + (y.float().view(B, frames, L // frames, D) * gate1).view(B, L, D)
-    c = block.cross_attn
-    h = block.norm3(_feed(block.norm3, x, torch.float32)).to(dtype)
-    q = c.norm_q(c.q(h)).view(B, L, heads, -1)
-    x = x + c.o(attn(q, cross_kv[0], cross_kv[1], None).flatten(2)).float()
-    y = block.ffn(modulate(block.norm2(x), shift2, scale2, frames).to(dtype))
-    return x + (y.float().view(B, frames, L // frames, D) * gate2).view(B, L, D)

@@ -29,8 +29,10 @@ from typing import Callable
 
 import torch
 from torch import nn
+from torch.nn.modules import module as M
 
 from ..cache import CacheWrite, KVCache
+from .block import PromptKV
 
 log = logging.getLogger(__name__)
 WARMUP = 2  # eager runs on a side stream before capture (allocator, cuBLAS and compile warm-up)
@@ -54,8 +56,6 @@ class StaticWrite:
 
 def unsupported(dit: nn.Module, device: torch.device) -> str | None:
     """Why the module tree cannot run as a captured graph (None when it can)."""
-    from torch.nn.modules import module as M
-
     if M._global_forward_hooks or M._global_forward_pre_hooks:
         return "global forward hooks are registered"
     for name, m in dit.named_modules():
@@ -78,8 +78,6 @@ class StaticStep:
     """Preallocated inputs and output of the chunk forward of one shape on one cache (see the module doc)."""
 
     def __init__(self, backbone, cache: KVCache, x: torch.Tensor, prompt):
-        from .forward import PromptKV
-
         dev, cfg = backbone.device, backbone.config
         B, C, F, H, W = x.shape
         tokens = F * cache.tokens_per_frame

@@ -32,6 +32,8 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
+from sf_core.bench import random_dit, random_vae  # noqa: E402
+
 PRESETS = {
     # chunks: timed chunks per mode (after a warm-up stream that fills the window and captures the graph)
     "1.3B": dict(height=480, width=832, dtype=torch.bfloat16, chunks=16, warmup=6, long=64,
@@ -158,9 +160,7 @@ def flat_cost_ratio(model, cfg, p, device, text, h, w) -> dict:
 
 
 def wan_vae_decode(p, device, h, w) -> dict:
-    from sf_core.vae.wan_vae import WanVAEConfig, random_wan_vae
-
-    vae = random_wan_vae(WanVAEConfig(dim=p["wan_vae_dim"]), device=device, dtype=p["dtype"])
+    vae = random_vae("wan", tiny=p["wan_vae_dim"] == 8, device=device, dtype=p["dtype"])
     dec, clock = vae.stream_decoder(), Clock(device)
     g = torch.Generator().manual_seed(0)
     times = []
@@ -175,13 +175,12 @@ def wan_vae_decode(p, device, h, w) -> dict:
 
 
 def train_step(cfg, p, device, h, w) -> dict:
-    from sf_core.bench import random_model
     from sf_core.train.trainer import TrainSettings, Trainer
 
     reset_peak(device)
     settings = TrainSettings(rank=32, latent_frames=p["train_frames"], latent_height=h, latent_width=w,
                              frames_per_chunk=FRAMES_PER_CHUNK, checkpointing=True, ema=None)
-    gen, teacher = random_model(cfg, device, p["dtype"]), random_model(cfg, device, p["dtype"])
+    gen, teacher = random_dit(cfg, device, p["dtype"]), random_dit(cfg, device, p["dtype"])
     text = torch.randn(2, cfg.text_len, cfg.text_dim) * 0.1
     trainer = Trainer(gen, teacher, text, text[:1], settings, dtype=p["dtype"])
     clock = Clock(device)
@@ -217,10 +216,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--threads", type=int, default=1, help="CPU intra-op threads (0: PyTorch's default)")
     ap.add_argument("--budget-s", type=float, default=390.0, help="skip parts that would start after this")
     args = ap.parse_args(argv)
-    from sf_core.bench import random_model
     from sf_core.config import WanConfig
     from sf_core.latents import latent_size_for
-    from sf_core.vae.taehv import TAEHVConfig, random_taehv
 
     wall = time.perf_counter()
     p = dict(PRESETS[args.config], no_compile=args.no_compile)
@@ -238,10 +235,9 @@ def main(argv=None) -> dict:
         "dtype": str(p["dtype"]).replace("torch.", ""), "frames_per_chunk": FRAMES_PER_CHUNK,
         "window": WINDOW, "sink": SINK, "steps": 4, "compile_disabled": args.no_compile, "paper_h100": PAPER, "goals": GOALS, "modes": {}, "skipped": [],
     }
-    model = random_model(cfg, device, p["dtype"])
+    model = random_dit(cfg, device, p["dtype"])
     text = torch.randn(1, cfg.text_len, cfg.text_dim, device=device) * 0.1
-    tcfg = TAEHVConfig(decoder_channels=p["taehv"]) if p["taehv"] else TAEHVConfig()
-    taehv = random_taehv(tcfg, device=device, dtype=p["dtype"])
+    taehv = random_vae("taehv", tiny=p["taehv"] is not None, device=device, dtype=p["dtype"])
 
     reference: dict = {}
 
