@@ -23,7 +23,18 @@ import torch
 from .config import WanConfig
 from .errors import CheckpointError
 from .wan.modules import WanModel
-from .weights import FP8_DTYPES, SAFETENSORS_SUFFIXES, peek_keys, read_state_dict
+from .weights import (
+    FP8_DTYPES,
+    SAFETENSORS_SUFFIXES,
+    build_on_meta,
+    check_strict,
+    meta_shapes,
+    not_a,
+    peek_keys,
+    read_state_dict,
+    strip_prefix,
+    unwrap,
+)
 
 NESTED_PREFERENCE = ("generator_ema", "generator", "model", "state_dict", "module")
 WRAPPERS = ("_fsdp_wrapped_module.", "_orig_mod.", "_checkpoint_wrapped_module.")
@@ -80,29 +91,6 @@ class DiTCheckpoint:
         }
 
 
-def _pick_nested(obj: Mapping, name: str) -> tuple[Mapping, str]:
-    """Official .pt files nest tensors under generator_ema / generator / model (preference order)."""
-    if any(isinstance(v, torch.Tensor) for v in obj.values()):
-        return obj, ""
-    for key in NESTED_PREFERENCE:
-        if isinstance(obj.get(key), Mapping):
-            inner, src = _pick_nested(obj[key], name)
-            return inner, key + ("." + src if src else "")
-    raise CheckpointError(
-        f"{name}: holds no tensors at the top level and none of {', '.join(NESTED_PREFERENCE)}; "
-        f"found keys {sorted(obj)[:8]}"
-    )
-
-
-def _strip(key: str) -> str:
-    for w in WRAPPERS:
-        key = key.replace(w, "")
-    for p in PREFIXES:
-        if key.startswith(p):
-            return key[len(p):]
-    return key
-
-
 def _from_diffusers(key: str) -> str:
     for src, dst in _DIFFUSERS_TOP.items():
         if key.startswith(src):
@@ -115,19 +103,6 @@ def _from_diffusers(key: str) -> str:
     return key
 
 
-def _describe_foreign(keys: list[str]) -> str:
-    k = " ".join(keys[:2000])
-    if "encoder.conv1" in k or "decoder.conv1" in k or "decoder.middle" in k:
-        return "a Wan VAE (encoder/decoder keys)"
-    if "input_blocks." in k or "conditioner." in k or "first_stage_model." in k:
-        return "a Stable Diffusion / SDXL UNet checkpoint"
-    if "encoder.block." in k or "shared.weight" in k or "token_embedding" in k:
-        return "a T5/UMT5 text encoder"
-    if "lora_" in k:
-        return "a LoRA, not a full model (load it with a LoRA loader)"
-    return f"{len(keys)} keys such as {', '.join(keys[:4])}"
-
-
 def normalize_keys(sd: Mapping[str, torch.Tensor], name: str = "state dict") -> tuple[dict, str]:
     """Any family layout -> (Wan-named state dict, format name). Raises CheckpointError for foreign files."""
     keys = list(sd)
@@ -135,58 +110,28 @@ def normalize_keys(sd: Mapping[str, torch.Tensor], name: str = "state dict") -> 
         fmt = "diffusers"
         out = {_from_diffusers(k): v for k, v in sd.items()}
     else:
-        stripped = {_strip(k): v for k, v in sd.items()}
+        stripped = {strip_prefix(k, PREFIXES, WRAPPERS): v for k, v in sd.items()}
         wrapped = any(w in k for k in keys for w in WRAPPERS)
         prefix = next((p for p in PREFIXES if any(k.startswith(p) for k in keys)), "")
         fmt = "wan" + (f" (prefix {prefix!r})" if prefix else "") + (" with wrapper names" if wrapped else "")
         out = stripped
     out.pop("scaled_fp8", None)
     if "patch_embedding.weight" not in out or not any(k.startswith("blocks.0.self_attn.") for k in out):
-        raise CheckpointError(
-            f"{name}: this is not a Wan2.1 DiT: found {_describe_foreign(keys)}; expected keys like "
-            "'blocks.0.self_attn.q.weight' and 'patch_embedding.weight' (a Self Forcing .pt, a Wan2.1 "
-            "diffusion model .safetensors, or a diffusers transformer)"
-        )
+        raise not_a(name, "a Wan2.1 DiT", keys, "keys like 'blocks.0.self_attn.q.weight' and 'patch_embedding.weight' "
+                    "(a Self Forcing .pt, a Wan2.1 diffusion model .safetensors, or a diffusers transformer)")
     return out, fmt
-
-
-def _read_diffusers_folder(path: Path) -> dict:
-    files = sorted(path.glob("*.safetensors"))
-    if (path / "transformer").is_dir():
-        files = sorted((path / "transformer").glob("*.safetensors"))
-    if not files:
-        raise CheckpointError(f"{path}: folder holds no .safetensors weights (expected a diffusers transformer folder)")
-    sd: dict = {}
-    for f in files:
-        sd.update(read_state_dict(f))
-    return sd
 
 
 def load_dit_checkpoint(path: str | os.PathLike) -> DiTCheckpoint:
     """Read a DiT file (or diffusers folder) of any family layout into Wan names, with its config."""
     path = Path(path)
-    raw = _read_diffusers_folder(path) if path.is_dir() else read_state_dict(path)
-    sd, source = _pick_nested(raw, str(path))
-    sd = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+    sd, source = unwrap(read_state_dict(path), NESTED_PREFERENCE, str(path))
     sd, fmt = normalize_keys(sd, str(path))
     if source:
         fmt = f"self-forcing .pt [{source}] " + fmt
     config = WanConfig.from_state_dict(sd, str(path))
-    _check_complete(sd, config, str(path))
+    check_strict(sd, meta_shapes(lambda: WanModel(config)), str(path), "Wan DiT", allow_extra=True)
     return DiTCheckpoint(sd, config, fmt, source, str(path))
-
-
-def _check_complete(sd: dict, config: WanConfig, name: str) -> None:
-    with torch.device("meta"):
-        ref = WanModel(config)
-    expected = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
-    missing = [k for k in expected if k not in sd]
-    wrong = [f"{k} {tuple(sd[k].shape)} (expected {expected[k]})" for k in expected if k in sd and tuple(sd[k].shape) != expected[k]]
-    if missing or wrong:
-        detail = (f"missing {len(missing)} weights such as {', '.join(missing[:3])}" if missing else "") + (
-            f"; wrong shapes: {', '.join(wrong[:3])}" if wrong else ""
-        )
-        raise CheckpointError(f"{name}: incomplete or mismatched Wan DiT ({detail.strip('; ')}); the file may be truncated")
 
 
 def dequantize_fp8(sd: dict, dtype: torch.dtype = torch.bfloat16) -> dict:
@@ -224,21 +169,14 @@ def build_model(
     (times their `scale_weight`) unless keep_fp8, in which case they stay fp8 and layers cast at use.
     """
     _check_quant_keys(ckpt.state_dict, ckpt.path)
-    with torch.device("meta"):
-        model = WanModel(ckpt.config)
-    if keep_fp8:
-        sd = {k: v for k, v in ckpt.state_dict.items() if not k.endswith((".scale_weight", ".scale_input"))}
-    else:
-        sd = dequantize_fp8(ckpt.state_dict, dtype or torch.float32)
-    sd = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() and v.dtype not in FP8_DTYPES else v).to(device)
-          for k, v in sd.items()}
-    model.load_state_dict(sd, strict=True, assign=True)
+    sd = ckpt.state_dict if keep_fp8 else dequantize_fp8(ckpt.state_dict, dtype or torch.float32)
+    model = build_on_meta(lambda: WanModel(ckpt.config), sd, device, dtype)
     if keep_fp8:
         for k, v in ckpt.state_dict.items():
             if k.endswith(".scale_weight"):
                 module = model.get_submodule(k[: -len(".scale_weight")])
                 module.register_buffer("scale_weight", v.to(device, torch.float32).reshape(()))
-    return model.eval().requires_grad_(False)
+    return model
 
 
 def load_dit(path, device="cpu", dtype: torch.dtype | None = torch.float32, keep_fp8: bool = False):
@@ -254,7 +192,7 @@ def check_dit_file(path: str | os.PathLike) -> str:
     if path.is_dir() or path.suffix.lower() in SAFETENSORS_SUFFIXES:
         keys = peek_keys(path)
     else:
-        keys, _ = _pick_nested(read_state_dict(path), str(path))  # zip .pt files are memory-mapped, not read
+        keys, _ = unwrap(read_state_dict(path), NESTED_PREFERENCE, str(path))  # zip .pt files are memory-mapped, not read
     return normalize_keys(dict.fromkeys(keys), str(path))[1]
 
 

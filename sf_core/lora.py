@@ -27,10 +27,8 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
-import json
 import math
 import os
-import re
 import time
 import weakref
 from dataclasses import dataclass, field
@@ -38,12 +36,10 @@ from typing import Iterator, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 from torch import nn
 
-from .errors import CheckpointError, SelfForcingError
-from .io import atomic_path
-from .weights import SAFETENSORS_SUFFIXES, read_state_dict
+from .errors import SelfForcingError
+from .lora_files import Pairs, parse_pairs, read_pairs, to_comfy, write_comfy
 
 #: Every Linear of the DiT blocks (what LongLive trains): self-attn q/k/v/o, cross-attn q/k/v/o, FFN.
 DEFAULT_TARGETS: tuple[str, ...] = tuple(
@@ -52,19 +48,7 @@ DEFAULT_TARGETS: tuple[str, ...] = tuple(
     + ["blocks.*.ffn.0", "blocks.*.ffn.2"]
 )
 
-#: Prefix ComfyUI's LoraLoader maps onto the diffusion model.
-COMFY_PREFIX = "diffusion_model."
-
 INITS = ("kaiming", "normal")
-
-# Prefixes stripped from module paths found in LoRA files, and wrapper names removed anywhere.
-_FILE_PREFIXES = ("base_model.model.", "model.diffusion_model.", "diffusion_model.", "model.")
-_WRAPPER_PARTS = ("_orig_mod.", "_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
-# <path>.<lora_down|lora_up|lora_A|lora_B>[.<adapter name>].weight
-_WEIGHT_KEY = re.compile(r"^(?P<path>.+)\.(?P<kind>lora_down|lora_up|lora_A|lora_B)(?:\.[A-Za-z0-9_-]+)?\.weight$")
-_ALPHA_KEY = re.compile(r"^(?P<path>.+)\.alpha$")
-
-
 
 class LoRALayer(nn.Module):
     """The low-rank pair of one target Linear.
@@ -359,39 +343,21 @@ class LoRA(nn.Module):
                     w.copy_((w.to(delta.dtype) - delta).to(w.dtype))
         b.merged, b.backups = False, None
 
-    # ---------------------------------------------------------------- files
+    # ---------------------------------------------------------------- files (layouts: sf_core.lora_files)
+    def pairs(self) -> Pairs:
+        """The pairs by module path (the tensors themselves, not copies)."""
+        layers = {p: self.layers[k] for p, k in self._keys.items()}
+        return Pairs({p: m.A for p, m in layers.items()}, {p: m.B for p, m in layers.items()},
+                     {p: m.alpha for p, m in layers.items()})
+
     def to_comfy(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-        """The LoRA in ComfyUI's LoraLoader layout: for each path p,
-        ``diffusion_model.p.lora_down.weight`` [rank, in], ``.lora_up.weight`` [out, rank],
-        ``.alpha`` (0-dim float32). Tensors are CPU copies, in `dtype` (default: the LoRA dtype)."""
-        out: dict[str, torch.Tensor] = {}
-        for path in self.paths:
-            layer = self.layers[self._keys[path]]
-            dt = dtype or layer.A.dtype
-            base = COMFY_PREFIX + path
-            out[base + ".lora_down.weight"] = layer.A.detach().to("cpu", dt).contiguous()
-            out[base + ".lora_up.weight"] = layer.B.detach().to("cpu", dt).contiguous()
-            out[base + ".alpha"] = torch.tensor(layer.alpha, dtype=torch.float32)
-        return out
+        """The LoRA in ComfyUI's LoraLoader layout (see `lora_files.to_comfy`), CPU copies."""
+        return to_comfy(self.pairs(), dtype)
 
     def save(self, path: str | os.PathLike, *, dtype: torch.dtype | None = None,
              metadata: Mapping[str, str] | None = None) -> None:
-        """Write a .safetensors file that ComfyUI's stock LoraLoader applies to a Wan model (atomic:
-        a temp file renamed into place). Metadata records rank, alpha and targets."""
-        if not str(path).lower().endswith(SAFETENSORS_SUFFIXES):
-            raise SelfForcingError(f"cannot save a LoRA to {path}: use a .safetensors file name")
-        ranks = sorted({layer.rank for layer in self.layers.values()})
-        alphas = sorted({layer.alpha for layer in self.layers.values()})
-        meta = {
-            "format": "sf_core.lora",
-            "rank": str(ranks[0]) if len(ranks) == 1 else json.dumps(ranks),
-            "alpha": repr(alphas[0]) if len(alphas) == 1 else json.dumps(alphas),
-            "targets": json.dumps(self.targets),
-        }
-        meta.update({str(k): str(v) for k, v in (metadata or {}).items()})
-        tensors = self.to_comfy(dtype)
-        with atomic_path(path) as tmp:
-            save_file(tensors, str(tmp), metadata=meta)
+        """Write a .safetensors file that ComfyUI's stock LoraLoader applies to a Wan model (atomic)."""
+        write_comfy(self.pairs(), path, self.targets, dtype, metadata)
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, alpha: float | None = None, key: str | None = None,
@@ -400,67 +366,21 @@ class LoRA(nn.Module):
         ``.alpha``), or PEFT as LongLive saves it (``base_model.model.<path>.lora_A.weight``, possibly in
         a .pt under ``generator_lora``; pick another entry with `key`). `alpha` is used where the file
         stores none (PEFT); default = the module's rank. Not attached: call `attach(model)`."""
-        sd = read_state_dict(path)
-        try:
-            sd = _select_tensors(sd, key)
-            return cls.from_weights(sd, alpha=alpha, dtype=dtype, device=device)
-        except CheckpointError as e:
-            raise CheckpointError(f"{path}: {e}") from e
+        return cls._from_pairs(read_pairs(path, alpha, key), dtype, device)
 
     @classmethod
     def from_weights(cls, sd: Mapping[str, torch.Tensor], *, alpha: float | None = None,
                      dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> "LoRA":
         """Build a LoRA from a flat dict in any layout `load` reads (see there)."""
-        downs, ups, alphas, unknown = {}, {}, {}, []
-        for k, v in sd.items():
-            if not isinstance(v, torch.Tensor):
-                unknown.append(k)
-                continue
-            m = _WEIGHT_KEY.match(k)
-            if m:
-                p = _module_path(m["path"])
-                (downs if m["kind"] in ("lora_down", "lora_A") else ups)[p] = v
-                continue
-            m = _ALPHA_KEY.match(k)
-            if m and v.numel() == 1:
-                alphas[_module_path(m["path"])] = float(v.float().item())
-                continue
-            unknown.append(k)
-        if unknown:
-            raise CheckpointError(f"{len(unknown)} keys are not LoRA weights this loader understands, e.g. "
-                                  f"{sorted(unknown)[:5]} (is this a LoRA file? DoRA, LoHa and conv LoRAs are "
-                                  "not supported)")
-        kohya = sorted(p for p in downs if p.startswith(("lora_unet_", "lora_te")))
-        if kohya:
-            raise CheckpointError(f"kohya-style names such as {kohya[0]!r} are not supported: convert the file to "
-                                  "ComfyUI 'diffusion_model.<module path>.lora_down.weight' names")
-        if not downs and not ups:
-            raise CheckpointError("no LoRA weights found (expected keys ending in lora_down.weight/lora_up.weight "
-                                  "or lora_A.weight/lora_B.weight)")
-        unpaired = sorted(set(downs) ^ set(ups))
-        if unpaired:
-            raise CheckpointError(f"{len(unpaired)} modules have only one of the down/up (A/B) pair: {unpaired[:5]}")
-        shapes, ranks, problems = {}, {}, []
-        for p in downs:
-            A, B = downs[p], ups[p]
-            if A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1]:
-                problems.append(f"{p}: down {tuple(A.shape)} / up {tuple(B.shape)} "
-                                "(expected [rank, in] / [out, rank]; conv LoRAs are not supported)")
-                continue
-            shapes[p] = (A.shape[1], B.shape[0])
-            ranks[p] = A.shape[0]
-        if problems:
-            raise CheckpointError("bad LoRA shapes: " + "; ".join(problems[:5]))
-        stray = sorted(set(alphas) - set(downs))
-        if stray:
-            raise CheckpointError(f"alpha given for modules without weights: {stray[:5]}")
-        alpha_of = {p: alphas.get(p, float(alpha) if alpha is not None else float(ranks[p])) for p in downs}
-        lora = cls(shapes, ranks, alpha_of, dtype=dtype, device=device)
+        return cls._from_pairs(parse_pairs(sd, alpha), dtype, device)
+
+    @classmethod
+    def _from_pairs(cls, pairs: Pairs, dtype: torch.dtype, device) -> "LoRA":
+        lora = cls(pairs.shapes, pairs.ranks, pairs.alpha, dtype=dtype, device=device)
         with torch.no_grad():
             for p in lora.paths:
-                layer = lora.layers[lora._keys[p]]
-                layer.A.copy_(downs[p])
-                layer.B.copy_(ups[p])
+                lora.layer(p).A.copy_(pairs.A[p])
+                lora.layer(p).B.copy_(pairs.B[p])
         return lora
 
     # ---------------------------------------------------------------- internals
@@ -567,36 +487,6 @@ def _check_rank(rank, what: str) -> int:
 def _in_out(mod: nn.Module) -> tuple[int, int]:
     w = mod.weight
     return (getattr(mod, "in_features", w.shape[1]), getattr(mod, "out_features", w.shape[0]))
-
-
-def _module_path(raw: str) -> str:
-    """Normalise a module path found in a LoRA file to a Wan module path."""
-    for part in _WRAPPER_PARTS:
-        raw = raw.replace(part, "")
-    stripped = True
-    while stripped:
-        stripped = False
-        for pre in _FILE_PREFIXES:
-            if raw.startswith(pre):
-                raw, stripped = raw[len(pre):], True
-    return raw
-
-
-def _select_tensors(sd: dict, key: str | None) -> dict:
-    """The flat tensor dict inside a (possibly nested) checkpoint dict."""
-    if key is not None:
-        if key not in sd or not isinstance(sd[key], Mapping):
-            raise CheckpointError(f"no entry {key!r} holding LoRA weights; top-level entries: {sorted(sd)[:10]}")
-        return dict(sd[key])
-    if all(isinstance(v, torch.Tensor) for v in sd.values()):
-        return sd
-    if isinstance(sd.get("generator_lora"), Mapping):
-        return dict(sd["generator_lora"])
-    nested = [k for k, v in sd.items() if isinstance(v, Mapping)]
-    if len(nested) == 1:
-        return dict(sd[nested[0]])
-    raise CheckpointError(f"a nested checkpoint with entries {sorted(map(str, sd))[:10]}; say which one holds "
-                          "the LoRA (key=...)")
 
 
 def _key_of(d: dict, value) -> int | None:

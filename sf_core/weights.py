@@ -274,8 +274,8 @@ def describe(keys: Sequence[str], shapes: Mapping[str, Sequence[int]] | None = N
         if any(r.search(k) for k in keys for r in rx):
             what = kind
             break
-    shape = tuple((shapes or {}).get("decoder.conv1.weight", ()))
-    if what == "a Wan-style VAE" and shape[1:2] == (48,):
+    conv = (shapes or {}).get("decoder.conv1.weight")
+    if what == "a Wan-style VAE" and conv is not None and tuple(getattr(conv, "shape", conv))[1:2] == (48,):
         what = "the Wan2.2 VAE (48 latent channels); Self Forcing needs the Wan2.1 VAE (16 channels)"
     sample = ", ".join(repr(k) for k in keys[:4]) + (", ..." if len(keys) > 4 else "")
     return f"{what} ({len(keys)} tensors, e.g. {sample or 'none'})"
@@ -293,10 +293,11 @@ def _short(items: list[str], limit: int = 6) -> str:
     return ", ".join(items[:limit]) + more
 
 
-def check_strict(shapes: Mapping[str, Sequence[int]], expected: Mapping[str, Sequence[int]], source: str, what: str,
+def check_strict(sd: Mapping[str, object], expected: Mapping[str, Sequence[int]], source: str, what: str,
                  allow_extra: bool = False) -> None:
-    """Raise CheckpointError unless `shapes` (name -> shape) has exactly the `expected` names and shapes
-    (extra names allowed with `allow_extra`), listing what is missing, unexpected or mis-shaped."""
+    """Raise CheckpointError unless `sd` (name -> tensor or shape) has exactly the `expected` names and
+    shapes (extra names allowed with `allow_extra`), listing what is missing, unexpected or mis-shaped."""
+    shapes = {k: tuple(getattr(v, "shape", v)) for k, v in sd.items()}
     missing = [k for k in expected if k not in shapes]
     unexpected = [] if allow_extra else [k for k in shapes if k not in expected]
     wrong = [f"{k} {tuple(shapes[k])} (expected {tuple(expected[k])})"

@@ -1,9 +1,8 @@
-"""LoRA: reversible injection, merge, ComfyUI/PEFT files - on a small stand-in with Wan module names."""
+"""LoRA adapter: reversible injection, hooks, merge - on a small stand-in with Wan module names."""
 
 from __future__ import annotations
 
 import copy
-import json
 import os
 import subprocess
 import sys
@@ -14,11 +13,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sf_core.errors import CheckpointError, SelfForcingError
+from sf_core.errors import SelfForcingError
 from sf_core.lora import DEFAULT_TARGETS, LoRA, find_targets
 
-DIM, FFN, TEXT_DIM, IN_CH = 32, 48, 24, 4
-LINEARS = [f"self_attn.{n}" for n in "qkvo"] + [f"cross_attn.{n}" for n in "qkvo"] + ["ffn.0", "ffn.2"]
+from fixtures.lora_model import (DIM, FFN, assert_restored, make_inputs, make_model, merged_copy, randomize, snapshot,
+                                  target_paths)
 
 
 @pytest.fixture(autouse=True)
@@ -28,132 +27,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-# ----------------------------------------------------------------------------- stand-in Wan tree
-class Attn(nn.Module):
-    def __init__(self, dim, heads=2):
-        super().__init__()
-        self.heads = heads
-        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
-
-    def forward(self, x, ctx=None):
-        ctx = x if ctx is None else ctx
-        b, n, d = x.shape
-        q = self.q(x).view(b, n, self.heads, -1).transpose(1, 2)
-        k = self.k(ctx).view(b, ctx.shape[1], self.heads, -1).transpose(1, 2)
-        v = self.v(ctx).view(b, ctx.shape[1], self.heads, -1).transpose(1, 2)
-        return self.o(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, d))
-
-
-class Block(nn.Module):
-    def __init__(self, dim, ffn):
-        super().__init__()
-        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False)
-        self.self_attn = Attn(dim)
-        self.norm3 = nn.LayerNorm(dim)
-        self.cross_attn = Attn(dim)
-        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False)
-        self.ffn = nn.Sequential(nn.Linear(dim, ffn), nn.GELU(approximate="tanh"), nn.Linear(ffn, dim))
-        self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
-
-    def forward(self, x, ctx):
-        m = self.modulation[0]
-        x = x + self.self_attn(self.norm1(x) * (1 + m[1]) + m[0]) * m[2]
-        x = x + self.cross_attn(self.norm3(x), ctx)
-        return x + self.ffn(self.norm2(x) * (1 + m[4]) + m[3]) * m[5]
-
-
-class Head(nn.Module):
-    def __init__(self, dim, out):
-        super().__init__()
-        self.head = nn.Linear(dim, out)
-
-    def forward(self, x):
-        return self.head(x)
-
-
-class TinyWan(nn.Module):
-    """Wan names: patch_embedding, text_embedding.0/.2, time_embedding.0/.2, time_projection.1,
-    blocks.N.{self_attn,cross_attn}.{q,k,v,o}, blocks.N.ffn.0/.2, head.head, a buffer."""
-
-    def __init__(self, layers=2, dim=DIM, ffn=FFN):
-        super().__init__()
-        self.patch_embedding = nn.Conv3d(IN_CH, dim, kernel_size=(1, 2, 2), stride=(1, 2, 2))
-        self.text_embedding = nn.Sequential(nn.Linear(TEXT_DIM, dim), nn.GELU(approximate="tanh"), nn.Linear(dim, dim))
-        self.time_embedding = nn.Sequential(nn.Linear(8, dim), nn.SiLU(), nn.Linear(dim, dim))
-        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(dim, dim))
-        self.blocks = nn.ModuleList(Block(dim, ffn) for _ in range(layers))
-        self.head = Head(dim, IN_CH * 4)
-        self.register_buffer("freqs", torch.randn(16, 8))
-
-    def forward(self, video, t, ctx):
-        x = self.patch_embedding(video).flatten(2).transpose(1, 2)  # [B, L, dim]
-        e = self.time_projection(self.time_embedding(t))[:, None]
-        ctx = self.text_embedding(ctx)
-        for block in self.blocks:
-            x = block(x + e, ctx)
-        return self.head(x)
-
-
-def make_model(layers=2, seed=0, **kw):
-    torch.manual_seed(seed)
-    return TinyWan(layers, **kw)
-
-
-def make_inputs(dtype=torch.float32, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(2, IN_CH, 2, 4, 4, generator=g).to(dtype), torch.randn(2, 8, generator=g).to(dtype),
-            torch.randn(2, 5, TEXT_DIM, generator=g).to(dtype))
-
-
-def target_paths(layers=2):
-    return [f"blocks.{i}.{lin}" for i in range(layers) for lin in LINEARS]
-
-
-def randomize(lora, seed=3, std=0.2):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in lora.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * std)
-
-
-def merged_copy(model, deltas):
-    """An independent merged model: W += delta[path] for each path (delta computed by the test)."""
-    m = copy.deepcopy(model)
-    for mod in m.modules():  # a deep copy also copies hooks (and any LoRA behind them): drop them
-        mod._forward_hooks.clear()
-        mod._forward_hooks_with_kwargs.clear()
-    mods = dict(m.named_modules())
-    with torch.no_grad():
-        for path, d in deltas.items():
-            mods[path].weight += d.to(mods[path].weight.dtype)
-    return m
-
-
-def snapshot(model):
-    return {
-        "tensors": {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()},
-        "flags": {k: p.requires_grad for k, p in model.named_parameters()},
-        "classes": {k: type(m) for k, m in model.named_modules()},
-        "param_ids": {k: id(p) for k, p in model.named_parameters()},
-        "attrs": {k: sorted(vars(m)) for k, m in model.named_modules()},
-    }
-
-
-def assert_restored(model, snap):
-    now = snapshot(model)
-    assert now["flags"] == snap["flags"]
-    assert now["classes"] == snap["classes"]
-    assert now["param_ids"] == snap["param_ids"]
-    assert now["attrs"] == snap["attrs"]
-    assert now["tensors"].keys() == snap["tensors"].keys()
-    for k, v in snap["tensors"].items():
-        assert now["tensors"][k].dtype == v.dtype and torch.equal(now["tensors"][k], v), k
-    for name, m in model.named_modules():
-        for d in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_forward_hooks_with_kwargs",
-                  "_forward_hooks_always_called", "_forward_pre_hooks_with_kwargs"):
-            assert len(getattr(m, d)) == 0, f"{name}.{d} not empty"
 
 
 # ----------------------------------------------------------------------------- tests
@@ -331,128 +204,6 @@ def test_merge_with_backup_restores_bitwise():
         assert k == k2 and torch.equal(v, v2), k
 
 
-def test_save_writes_exact_comfyui_keys(tmp_path):
-    rank, alpha = 4, 8.0
-    model = make_model()
-    lora = LoRA.create(model, rank=rank, alpha=alpha)
-    path = tmp_path / "out.safetensors"
-    lora.save(path)
-    from safetensors import safe_open
-
-    with safe_open(str(path), "pt") as f:
-        keys, meta = set(f.keys()), f.metadata()
-        tensors = {k: f.get_tensor(k) for k in keys}
-    expected_shapes = {}
-    for i in range(2):
-        for lin in LINEARS:
-            fan_in, fan_out = {"ffn.0": (DIM, FFN), "ffn.2": (FFN, DIM)}.get(lin, (DIM, DIM))
-            base = f"diffusion_model.blocks.{i}.{lin}"
-            expected_shapes[base + ".lora_down.weight"] = (rank, fan_in)
-            expected_shapes[base + ".lora_up.weight"] = (fan_out, rank)
-            expected_shapes[base + ".alpha"] = ()
-    assert keys == set(expected_shapes)
-    for k, shape in expected_shapes.items():
-        assert tuple(tensors[k].shape) == shape, k
-        if k.endswith(".alpha"):
-            assert tensors[k].item() == alpha
-    assert int(meta["rank"]) == rank and float(meta["alpha"]) == alpha
-    assert json.loads(meta["targets"]) == list(DEFAULT_TARGETS)
-    assert [p.name for p in tmp_path.iterdir()] == ["out.safetensors"]  # no temp file left
-
-
-def test_save_load_attach_gives_identical_outputs(tmp_path):
-    model = make_model()
-    inputs = make_inputs()
-    lora = LoRA.create(model, rank=3, alpha=5)
-    randomize(lora)
-    with lora.applied(model):
-        out = model(*inputs)
-    lora.save(tmp_path / "l.safetensors")
-    loaded = LoRA.load(tmp_path / "l.safetensors")
-    assert loaded.paths == lora.paths and loaded.rank == 3 and loaded.alpha == 5
-    with loaded.applied(model):
-        assert torch.equal(model(*inputs), out)
-    other = make_model()  # a separate copy of the same base works too
-    with loaded.applied(other):
-        assert torch.equal(other(*inputs), out)
-    with pytest.raises(SelfForcingError, match="safetensors"):
-        lora.save(tmp_path / "l.pt")
-
-
-def test_load_comfy_lora_a_b_naming(tmp_path):
-    from safetensors.torch import save_file
-
-    model = make_model()
-    inputs = make_inputs()
-    g = torch.Generator().manual_seed(5)
-    sd, deltas = {}, {}
-    for path, mod in find_targets(model).items():
-        A = torch.randn(2, mod.in_features, generator=g) * 0.1
-        B = torch.randn(mod.out_features, 2, generator=g) * 0.1
-        sd[f"diffusion_model.{path}.lora_A.weight"] = A
-        sd[f"diffusion_model.{path}.lora_B.weight"] = B
-        sd[f"diffusion_model.{path}.alpha"] = torch.tensor(1.0)
-        deltas[path] = 0.5 * B @ A
-    save_file(sd, str(tmp_path / "ab.safetensors"))
-    lora = LoRA.load(tmp_path / "ab.safetensors")
-    with lora.applied(model):
-        torch.testing.assert_close(model(*inputs), merged_copy(model, deltas)(*inputs), rtol=1e-5, atol=1e-5)
-
-
-def _peft_dict(model, rank, seed):
-    g = torch.Generator().manual_seed(seed)
-    sd, prods = {}, {}
-    for path, mod in find_targets(model).items():
-        A = torch.randn(rank, mod.in_features, generator=g) * 0.05
-        B = torch.randn(mod.out_features, rank, generator=g) * 0.05
-        sd[f"base_model.model.{path}.lora_A.weight"] = A.to(torch.bfloat16)
-        sd[f"base_model.model.{path}.lora_B.weight"] = B.to(torch.bfloat16)
-        prods[path] = B.to(torch.bfloat16).float() @ A.to(torch.bfloat16).float()
-    return sd, prods
-
-
-def test_load_longlive_peft_flat_and_nested(tmp_path):
-    from safetensors.torch import save_file
-
-    rank = 8
-    model = make_model()
-    inputs = make_inputs()
-    gen, prods = _peft_dict(model, rank, seed=7)
-    critic, _ = _peft_dict(model, rank, seed=8)
-    save_file(gen, str(tmp_path / "flat.safetensors"))
-    torch.save({"generator_lora": gen, "critic_lora": critic, "step": 100}, tmp_path / "longlive.pt")
-    expected_scale1 = merged_copy(model, prods)(*inputs)
-    expected_scale2 = merged_copy(model, {p: 2.0 * d for p, d in prods.items()})(*inputs)
-    for file in ("flat.safetensors", "longlive.pt"):
-        lora = LoRA.load(tmp_path / file)  # alpha not in the file: default alpha = rank (scale 1)
-        assert lora.rank == rank and lora.alpha == rank
-        assert lora.layer("blocks.0.self_attn.q").A.dtype == torch.float32
-        with lora.applied(model):
-            torch.testing.assert_close(model(*inputs), expected_scale1, rtol=1e-4, atol=1e-5)
-        lora2 = LoRA.load(tmp_path / file, alpha=2 * rank)
-        with lora2.applied(model):
-            torch.testing.assert_close(model(*inputs), expected_scale2, rtol=1e-4, atol=1e-5)
-    crit = LoRA.load(tmp_path / "longlive.pt", key="critic_lora")
-    want_b = critic["base_model.model.blocks.1.ffn.2.lora_B.weight"].float()
-    torch.testing.assert_close(crit.layer("blocks.1.ffn.2").B, want_b)
-
-
-def test_load_rejects_foreign_files(tmp_path):
-    from safetensors.torch import save_file
-
-    save_file({"blocks.0.self_attn.q.weight": torch.zeros(4, 4)}, str(tmp_path / "model.safetensors"))
-    with pytest.raises(CheckpointError, match="not LoRA weights"):
-        LoRA.load(tmp_path / "model.safetensors")
-    half = {"diffusion_model.blocks.0.ffn.0.lora_down.weight": torch.zeros(2, 4)}
-    save_file(half, str(tmp_path / "half.safetensors"))
-    with pytest.raises(CheckpointError, match="only one of"):
-        LoRA.load(tmp_path / "half.safetensors")
-    save_file({"lora_unet_blocks_0_ffn_0.lora_down.weight": torch.zeros(2, 4),
-               "lora_unet_blocks_0_ffn_0.lora_up.weight": torch.zeros(4, 2)}, str(tmp_path / "kohya.safetensors"))
-    with pytest.raises(CheckpointError, match="kohya"):
-        LoRA.load(tmp_path / "kohya.safetensors")
-
-
 def test_attach_to_model_missing_paths_or_wrong_shapes_is_a_clear_error():
     lora = LoRA.create(make_model(layers=3), rank=2)
     small = make_model(layers=2)
@@ -616,52 +367,6 @@ def test_on_sf_core_wan_model():
     assert torch.count_nonzero(lora.layer("blocks.1.cross_attn.v").B.grad) > 0
     lora.remove()
     assert_restored(model, snap)
-
-
-_COMFY_CHECK = """
-import logging, sys, torch
-sys.argv = [sys.argv[0], "--cpu"]
-sys.path.insert(0, {comfy!r})
-import comfy.options
-comfy.options.enable_args_parsing()
-import comfy.lora, comfy.utils
-from safetensors.torch import load_file
-sd = comfy.utils.load_torch_file({lora!r}, safe_load=True)
-base = load_file({base!r})
-key_map = {{"diffusion_model." + k[:-7]: "diffusion_model." + k for k in base if k.endswith(".weight")}}
-patches = comfy.lora.load_lora(sd, key_map)
-out = {{}}
-for wkey, p in patches.items():
-    w = base[wkey[len("diffusion_model."):]]
-    out[wkey] = comfy.lora.calculate_weight([(1.0, p, 1.0, None, None)], w.clone(), wkey)
-torch.save(out, {out!r})
-"""
-
-
-@pytest.mark.skipif(not os.environ.get("COMFYUI_DIR"), reason="set COMFYUI_DIR to a ComfyUI checkout to run")
-def test_comfyui_stock_loader_applies_our_file(tmp_path):
-    """ComfyUI's own LoRA code (run in a subprocess) consumes every key we write and patches each
-    weight to W + scale * up @ down."""
-    from safetensors.torch import save_file
-
-    model = make_model()
-    lora = LoRA.create(model, rank=4, alpha=8)
-    randomize(lora)
-    lora.save(tmp_path / "l.safetensors")
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "base.safetensors"))
-    script = _COMFY_CHECK.format(comfy=os.environ["COMFYUI_DIR"], lora=str(tmp_path / "l.safetensors"),
-                                 base=str(tmp_path / "base.safetensors"), out=str(tmp_path / "out.pt"))
-    r = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], capture_output=True, text=True,
-                       cwd=os.environ["COMFYUI_DIR"], timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "lora key not loaded" not in r.stderr + r.stdout
-    patched = torch.load(tmp_path / "out.pt")
-    assert sorted(patched) == sorted(f"diffusion_model.{p}.weight" for p in target_paths())
-    weights = dict(model.named_parameters())
-    for p in target_paths():
-        L = lora.layer(p)
-        want = weights[p + ".weight"].detach() + 2.0 * L.B.detach() @ L.A.detach()
-        torch.testing.assert_close(patched[f"diffusion_model.{p}.weight"], want, rtol=1e-5, atol=1e-6)
 
 
 _COMFY_WAN_CHECK = """

@@ -19,10 +19,11 @@ from typing import Mapping, Union
 import torch
 
 from ..errors import CheckpointError
-from ..weights import read_state_dict
-from .common import StreamDecoder, VideoDecoder, describe_state_dict, flatten_state_dict
+from ..weights import not_a, read_state_dict, unwrap
+from .common import StreamDecoder, VideoDecoder
 from .taehv import TAEHV, TAEHVConfig, TAEHVStreamDecoder, infer_taehv_config
-from .wan_vae import WanStreamDecoder, WanVAE, WanVAEConfig, infer_wan_vae_config
+from .wan_vae import WanStreamDecoder, WanVAE
+from .wan_vae_config import WanVAEConfig, infer_wan_vae_config
 
 AnyDecoder = Union[WanVAE, TAEHV]
 
@@ -56,8 +57,22 @@ def detect_decoder_kind(sd: Mapping[str, object]) -> str | None:
     return None
 
 
+_NESTED = ("state_dict", "model", "module", "vae", "decoder_state_dict")
+_PREFIXES = ("module.", "_orig_mod.", "vae.", "first_stage_model.")
+
+
 def _read(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    return flatten_state_dict(read_state_dict(path), str(path))
+    """The VAE tensors of a file: unnested, wrapper prefixes that every name shares stripped, or the VAE part
+    of a whole-pipeline checkpoint (under `first_stage_model.` / `vae.`)."""
+    sd, _ = unwrap(read_state_dict(path), _NESTED, str(path))
+    while prefix := next((p for p in _PREFIXES if sd and all(k.startswith(p) for k in sd)), None):
+        sd = {k[len(prefix):]: v for k, v in sd.items()}
+    if detect_decoder_kind(sd) is None:
+        for prefix in ("first_stage_model.", "vae."):
+            part = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+            if detect_decoder_kind(part) is not None:
+                return part
+    return sd
 
 
 def decoder_from_state_dict(
@@ -72,11 +87,9 @@ def decoder_from_state_dict(
         return WanVAE.from_state_dict(sd, device, dtype, source, decoder_only=True)
     if kind == "taehv":
         return TAEHV.from_state_dict(sd, device, dtype, source, decoder_only=True)
-    raise CheckpointError(
-        f"{source}: not a video decoder. Expected the Wan2.1 VAE (Wan2.1_VAE.pth / wan_2.1_vae.safetensors, "
-        f"names like 'decoder.conv1.weight', 'conv2.weight') or the TAEHV tiny decoder (taew2_1.pth, names like "
-        f"'decoder.1.weight', 'decoder.3.conv.0.weight'); found {describe_state_dict(sd)}"
-    )
+    raise not_a(source, "a video decoder", list(sd), "the Wan2.1 VAE (Wan2.1_VAE.pth / wan_2.1_vae.safetensors, "
+                "names like 'decoder.conv1.weight', 'conv2.weight') or the TAEHV tiny decoder (taew2_1.pth, names like "
+                "'decoder.1.weight', 'decoder.3.conv.0.weight')", sd)
 
 
 def vae_from_state_dict(

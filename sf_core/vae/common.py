@@ -1,5 +1,5 @@
 """What the Wan2.1 VAE decoder and the TAEHV tiny decoder share: the decoder interface, the
-streaming-decoder base class, input checks and strict state-dict loading.
+streaming-decoder base class, input checks and strict loading (through `sf_core.weights`).
 
 Layouts everywhere: latents [B, C=16, T, h, w]; pixels [B, 3, F, H, W] in [-1, 1] with
 F = 1 + 4 * (T - 1), H = 8 * h, W = 8 * w.
@@ -8,14 +8,14 @@ F = 1 + 4 * (T - 1), H = 8 * h, W = 8 * w.
 from __future__ import annotations
 
 import dataclasses
-import re
-from typing import Callable, Mapping, Protocol, runtime_checkable
+from typing import Mapping, Protocol, runtime_checkable
 
 import torch
 from torch import nn
 
-from ..errors import CheckpointError, SelfForcingError
 from .. import latents as _latents
+from ..errors import SelfForcingError
+from ..weights import build_on_meta, check_strict, meta_shapes
 
 
 # --------------------------------------------------------------------------------------------
@@ -158,12 +158,10 @@ class VideoAutoencoder(nn.Module):
         weights are checked but not kept (less memory)."""
         cfg = cls.infer_config(sd, source)
         sd = cls.prepare_state_dict(sd, cfg)
-        with torch.device("meta"):
-            full = cls(cfg)
-        check_strict(sd, full, source, cls.file_label)
+        check_strict(sd, meta_shapes(lambda: cls(cfg)), source, cls.file_label)
         if decoder_only and cfg.has_encoder:
             cfg = dataclasses.replace(cfg, has_encoder=False)
-        return materialize(lambda: cls(cfg), sd, device, dtype)
+        return build_on_meta(lambda: cls(cfg), sd, device, dtype)
 
 
 class StreamDecoderBase:
@@ -354,137 +352,3 @@ def to_unnormalized(x: torch.Tensor, normalized: bool, dtype: torch.dtype, devic
     if normalized:
         x = _latents.denormalize(x)
     return x.to(dtype)
-
-
-# --------------------------------------------------------------------------------------------
-# State dicts
-# --------------------------------------------------------------------------------------------
-_WRAPPER_KEYS = ("state_dict", "model", "module", "vae", "decoder_state_dict")
-_PREFIXES = ("module.", "_orig_mod.", "vae.", "first_stage_model.")
-
-
-def flatten_state_dict(obj: Mapping, source: str) -> dict[str, torch.Tensor]:
-    """A loaded file -> a flat {name: tensor} dict.
-
-    Unwraps one level of {"state_dict": {...}}-style nesting and strips a wrapper prefix that
-    every key shares (``module.``, ``_orig_mod.``, ``vae.``, ``first_stage_model.``).
-    """
-    if not isinstance(obj, Mapping):
-        raise CheckpointError(f"{source}: holds a {type(obj).__name__}, expected a dict of tensors")
-    sd = obj
-    for _ in range(2):
-        tensors = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
-        if tensors:
-            break
-        inner = [k for k in _WRAPPER_KEYS if isinstance(sd.get(k), Mapping)]
-        if not inner:
-            break
-        sd = sd[inner[0]]
-    tensors = {str(k): v for k, v in sd.items() if isinstance(v, torch.Tensor)}
-    changed = True
-    while changed and tensors:
-        changed = False
-        for p in _PREFIXES:
-            if all(k.startswith(p) for k in tensors):
-                tensors = {k[len(p):]: v for k, v in tensors.items()}
-                changed = True
-    if "decoder.conv1.weight" not in tensors and "decoder.1.weight" not in tensors:
-        # a whole-pipeline checkpoint that also carries a VAE under a prefix
-        for p in ("first_stage_model.", "vae."):
-            sub = {k[len(p):]: v for k, v in tensors.items() if k.startswith(p)}
-            if "decoder.conv1.weight" in sub or "decoder.1.weight" in sub:
-                return sub
-    if not tensors:
-        raise CheckpointError(
-            f"{source}: no tensors found at the top level; expected a VAE state dict, found {describe_state_dict(obj)}"
-        )
-    return tensors
-
-
-def describe_state_dict(sd: Mapping[str, object]) -> str:
-    """A short human guess at what a state dict holds, for error messages."""
-    keys = [str(k) for k in sd]
-    ks = set(keys)
-
-    def has(pattern: str) -> bool:
-        rx = re.compile(pattern)
-        return any(rx.search(k) for k in keys)
-
-    n = len(keys)
-    if any(k in ks for k in ("generator_ema", "generator", "critic")):
-        what = "a Self Forcing training checkpoint (a diffusion model, not a VAE)"
-    elif has(r"(^|\.)patch_embedding\.weight$") or has(r"(^|\.)blocks\.\d+\.self_attn\.") or has(
-        r"(^|\.)condition_embedder\."
-    ):
-        what = "a Wan diffusion model (DiT), not a VAE"
-    elif has(r"lora_(A|B|up|down)\b"):
-        what = "a LoRA, not a VAE"
-    elif "shared.weight" in ks or has(r"^encoder\.block\.\d+\.") or has(r"^blocks\.\d+\.attn\.q\.") or (
-        "token_embedding.weight" in ks
-    ):
-        what = "a text encoder (UMT5), not a VAE"
-    elif "post_quant_conv.weight" in ks or has(r"^decoder\.up_blocks\."):
-        what = (
-            "a diffusers-layout VAE; use the original Wan2.1_VAE.pth or ComfyUI's wan_2.1_vae.safetensors"
-        )
-    elif "decoder.conv1.weight" in ks:
-        w = sd["decoder.conv1.weight"]
-        zc = tuple(getattr(w, "shape", ()))[1:2]
-        if zc and zc[0] == 48:
-            what = "the Wan2.2 VAE (48 latent channels); Self Forcing needs the Wan2.1 VAE (16 channels)"
-        else:
-            what = "a Wan-style VAE"
-    elif "decoder.1.weight" in ks and has(r"^decoder\.\d+\.conv\.0\.weight$"):
-        what = "a TAEHV tiny autoencoder"
-    else:
-        what = "an unknown model"
-    sample = ", ".join(repr(k) for k in keys[:4])
-    return f"{what} ({n} entries, e.g. {sample})"
-
-
-def _short(items: list[str], limit: int = 6) -> str:
-    items = sorted(items)
-    more = f" ... (+{len(items) - limit} more)" if len(items) > limit else ""
-    return ", ".join(items[:limit]) + more
-
-
-def check_strict(
-    sd: Mapping[str, torch.Tensor], module: nn.Module, source: str, what: str
-) -> None:
-    """Raise CheckpointError unless `sd` has exactly the module's parameter names and shapes."""
-    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
-    missing = [k for k in expected if k not in sd]
-    unexpected = [k for k in sd if k not in expected]
-    wrong = [
-        f"{k} {tuple(sd[k].shape)} (expected {expected[k]})"
-        for k in expected
-        if k in sd and tuple(sd[k].shape) != expected[k]
-    ]
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)}: {_short(missing)}")
-        if unexpected:
-            parts.append(f"unexpected {len(unexpected)}: {_short(unexpected)}")
-        if wrong:
-            parts.append(f"wrong shape {len(wrong)}: {_short(wrong, 4)}")
-        raise CheckpointError(
-            f"{source}: the weights do not match the {what} layout ({'; '.join(parts)}). "
-            f"The file looks like {describe_state_dict(sd)}"
-        )
-
-
-def materialize(
-    build: Callable[[], nn.Module],
-    sd: Mapping[str, torch.Tensor],
-    device: str | torch.device,
-    dtype: torch.dtype,
-) -> nn.Module:
-    """Build a module on the meta device (free) and assign `sd` (cast to device/dtype) to it."""
-    with torch.device("meta"):
-        module = build()
-    names = set(module.state_dict())
-    cast = {k: sd[k].to(device=device, dtype=dtype) for k in names}
-    module.load_state_dict(cast, strict=True, assign=True)
-    return module.eval().requires_grad_(False)
-

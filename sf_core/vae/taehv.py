@@ -26,12 +26,12 @@ from torch import nn
 
 from ..errors import CheckpointError, SelfForcingError
 from ..latents import denormalize
+from ..weights import not_a
 from .common import (
     VideoAutoencoder,
     StreamDecoderBase,
     StreamEncoderBase,
     check_latent,
-    describe_state_dict,
     to_normalized,
 )
 
@@ -340,11 +340,8 @@ _TPOOL = (2, 7, 12)
 
 
 def _not_taehv(sd: Mapping[str, torch.Tensor], source: str, why: str) -> CheckpointError:
-    return CheckpointError(
-        f"{source}: not a TAEHV tiny decoder for Wan2.1 ({why}). Expected taew2_1.pth names, e.g. "
-        f"'decoder.1.weight' [256, 16, 3, 3], 'decoder.3.conv.0.weight', 'decoder.22.weight' [3, 64, 3, 3]; "
-        f"found {describe_state_dict(sd)}"
-    )
+    return not_a(source, f"a TAEHV tiny decoder for Wan2.1 ({why})", list(sd), "taew2_1.pth names, e.g. "
+                 "'decoder.1.weight' [256, 16, 3, 3], 'decoder.3.conv.0.weight', 'decoder.22.weight' [3, 64, 3, 3]", sd)
 
 
 def infer_taehv_config(sd: Mapping[str, torch.Tensor], source: str = "state dict") -> TAEHVConfig:
