@@ -9,7 +9,6 @@ import torch
 import comfy.model_management as mm
 from comfy_api.latest import io
 
-from ..sf_core.cache import KVCache
 from ..sf_core.latents import latent_size_for
 from ..sf_core.pipeline import Background, Timings, decode_stream
 from ..sf_core.stream import Stream
@@ -50,15 +49,14 @@ class Benchmark(io.ComfyNode):
         return float("nan")  # a benchmark always runs
 
     @classmethod
-    def execute(cls, model, chunks, width, height, frames_per_chunk, denoising_steps, shift, window, sink,
-                sink_positions, warmup_chunks, vae=None) -> io.NodeOutput:
-        settings = stream_settings(frames_per_chunk, denoising_steps, shift, window, sink, sink_positions)
+    def execute(cls, model, chunks, width, height, warmup_chunks, vae=None, **sampling) -> io.NodeOutput:
+        settings = stream_settings(sampling)
+        frames_per_chunk = settings.frames_per_chunk
         h, w = latent_size_for(height, width)
         _, cfg = bridge.wan_dit(model)
         text = torch.randn(1, cfg.text_len, cfg.text_dim, generator=torch.Generator().manual_seed(0)) * 0.1
         decoder = bridge.stream_decoder(vae) if vae is not None else None
-        capacity = settings.window or chunks * frames_per_chunk
-        cache = KVCache.estimate_bytes(cfg, 1, h, w, capacity, bridge.compute_dtype(model))
+        cache = settings.cache_bytes(cfg, h, w, chunks * frames_per_chunk, dtype=bridge.compute_dtype(model))
         bridge.load([model], memory_required=cache + (bridge.module_bytes(decoder) if decoder else 0))
         backbone = bridge.wan_backbone(model)
         device = backbone.device

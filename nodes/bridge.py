@@ -6,12 +6,14 @@ from __future__ import annotations
 import time
 
 import torch
+from PIL import Image
 
 import comfy.model_management as mm
 import comfy.utils
 
 from ..sf_core.errors import SelfForcingError
 from ..sf_core.latents import denormalize, normalize
+from ..sf_core.vae import decoder_from_state_dict, vae_from_state_dict
 from ..sf_core.wan.forward import WanBackbone, infer_config
 
 SUPPORTED_DIT = ("WanModel", "CausalWanModel")
@@ -69,8 +71,6 @@ def text_from_conditioning(conditioning, text_dim: int, text_len: int = 512) -> 
 def stream_decoder(vae, device=None, encoder: bool = False):
     """A streaming decoder over the weights of a stock VAE (Wan2.1 VAE), on the compute device; with `encoder`
     the whole VAE (it streams encodes too)."""
-    from ..sf_core.vae import decoder_from_state_dict, vae_from_state_dict
-
     device = device or mm.get_torch_device()
     dtype = getattr(vae, "vae_dtype", torch.float32)
     sd = vae.get_sd()
@@ -136,8 +136,6 @@ class LiveProgress:
     def frames(self, done: int, frames: torch.Tensor, behind=lambda: False) -> None:
         """Show frames [n, H, W, 3] uint8 one by one; `behind()` True means newer frames are waiting, so
         skip to this chunk's last frame at once."""
-        from PIL import Image
-
         for i, frame in enumerate(frames):
             if i < len(frames) - 1 and behind():
                 continue

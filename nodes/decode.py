@@ -9,6 +9,7 @@ import folder_paths
 from comfy_api.latest import io
 
 from ..sf_core.errors import SelfForcingError
+from ..sf_core.vae import load_decoder
 from ..sf_core.video import to_uint8_frames
 from . import bridge
 from .common import CATEGORY
@@ -41,8 +42,6 @@ class StreamingDecode(io.ComfyNode):
     def execute(cls, samples, latent_frames_per_step, vae=None, tiny_decoder=NONE) -> io.NodeOutput:
         z = bridge.from_latent(samples)
         if tiny_decoder != NONE:
-            from ..sf_core.vae import load_decoder
-
             decoder = load_decoder(folder_paths.get_full_path_or_raise("vae_approx", tiny_decoder),
                                    device=mm.get_torch_device(), dtype=torch.float32)
         elif vae is not None:

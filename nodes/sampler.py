@@ -15,8 +15,8 @@ import comfy.utils
 import folder_paths
 from comfy_api.latest import InputImpl, io
 
-from ..sf_core.cache import KVCache
-from ..sf_core.latents import latent_frames_for, latent_size_for, normalize
+from ..sf_core.errors import SelfForcingError
+from ..sf_core.latents import TIME_STRIDE, latent_frames_for, latent_size_for, normalize
 from ..sf_core.pipeline import Background, decode_stream
 from ..sf_core.sources import EncodedVideo, frame_batches
 from ..sf_core.steering import PromptInbox
@@ -57,7 +57,7 @@ class StreamSampler(io.ComfyNode):
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
                              tooltip="Noise seed: the same seed and inputs give the same video."),
                 *size_inputs(),
-                io.Int.Input("length", default=81, min=1, max=1_000_001, step=4, tooltip="Video frames (1 + 4k)."),
+                io.Int.Input("length", default=81, min=1, max=1_000_001, step=TIME_STRIDE, tooltip="Video frames (1 + 4k)."),
                 *sampling_inputs(),
                 io.Float.Input("fps", default=16.0, min=1.0, max=120.0, tooltip="Frame rate of the VIDEO output and of timeline times."),
                 io.Boolean.Input("return_all", default=True, optional=True,
@@ -84,13 +84,10 @@ class StreamSampler(io.ComfyNode):
         return check_video_inputs(width, height, length, **kw)
 
     @classmethod
-    def execute(cls, model, seed, width, height, length, frames_per_chunk, denoising_steps, shift, window, sink,
-                sink_positions, fps, positive=None, timeline=None, vae=None, start_image=None, input_video=None,
-                clip=None, return_all=True, fast_path="eager", strength=0.7, context="generated", blend_chunks=0,
-                blend="linear") -> io.NodeOutput:
-        settings = stream_settings(frames_per_chunk, denoising_steps, shift, window, sink, sink_positions,
-                                   timeline["switch"] if timeline else "recache", strength=strength, context=context,
-                                   blend_chunks=blend_chunks, blend=blend)
+    def execute(cls, model, seed, width, height, length, fps, positive=None, timeline=None, vae=None, start_image=None,
+                input_video=None, clip=None, return_all=True, fast_path="eager", **sampling) -> io.NodeOutput:
+        settings = stream_settings(sampling, timeline["switch"] if timeline else "recache")
+        frames_per_chunk = settings.frames_per_chunk
         h, w = latent_size_for(height, width)
         total = latent_frames_for(length)
         _, config = bridge.wan_dit(model)
@@ -99,8 +96,8 @@ class StreamSampler(io.ComfyNode):
             total = min(total, _input_latent_frames(vae, input_video, start_image, width, height))
         prefix = _start_latent(vae, start_image, width, height) if start_image is not None else None
         decoder = bridge.stream_decoder(vae, encoder=input_video is not None) if vae is not None else None
-        capacity = settings.window or total
-        cache_bytes = KVCache.estimate_bytes(config, 1, h, w, capacity, bridge.compute_dtype(model))
+        capacity = settings.cache_frames(total)
+        cache_bytes = settings.cache_bytes(config, h, w, total, dtype=bridge.compute_dtype(model))
         bridge.load([model], memory_required=cache_bytes + (bridge.module_bytes(decoder) if decoder else 0))
         backbone = bridge.wan_backbone(model, compile=fast_path != "eager",
                                        graphs=fast_path == FAST_PATHS[2] and model.load_device.type == "cuda")
@@ -152,8 +149,6 @@ def _upscale(frames: torch.Tensor, width: int, height: int) -> torch.Tensor:
 
 
 def _timeline(timeline, positive, config, fps, frames_per_chunk) -> PromptTimeline:
-    from ..sf_core.errors import SelfForcingError
-
     if timeline is not None:
         starts = resolve(timeline["entries"], fps, frames_per_chunk)
         return PromptTimeline([
@@ -218,8 +213,6 @@ def _input_latent_frames(vae, frames, start_image, width, height) -> int:
 
 
 def _start_latent(vae, image, width, height) -> torch.Tensor:
-    from ..sf_core.errors import SelfForcingError
-
     if vae is None:
         raise SelfForcingError("a start image needs the VAE input to encode it")
     img = comfy.utils.common_upscale(image[:1].movedim(-1, 1), width, height, "bilinear", "center").movedim(1, -1)

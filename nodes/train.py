@@ -13,9 +13,10 @@ import folder_paths
 from comfy_api.latest import io
 
 from ..sf_core.errors import SelfForcingError
-from ..sf_core.latents import latent_frames_for, latent_size_for
+from ..sf_core.latents import TIME_STRIDE, latent_frames_for, latent_size_for
 from ..sf_core.train.cli import WAN_NEGATIVE_PROMPT
 from ..sf_core.train.plot import loss_curve
+from ..sf_core.train.session import run_session
 from ..sf_core.train.trainer import TrainSettings, Trainer
 from . import bridge
 from .common import CATEGORY, size_inputs
@@ -46,7 +47,7 @@ class TrainLoRA(io.ComfyNode):
                 io.Int.Input("critic_ratio", default=5, min=1, max=100, tooltip="Critic steps per generator step."),
                 io.Float.Input("guidance", default=3.0, min=0.0, max=20.0, tooltip="Teacher CFG: cond + g (cond - uncond)."),
                 *size_inputs(),
-                io.Int.Input("length", default=81, min=1, max=1001, step=4, tooltip="Video frames per rollout (1 + 4k)."),
+                io.Int.Input("length", default=81, min=1, max=1001, step=TIME_STRIDE, tooltip="Video frames per rollout (1 + 4k)."),
                 io.Int.Input("frames_per_chunk", default=3, min=1, max=21, tooltip="Latent frames per chunk of the rollout (as at inference)."),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, tooltip="Seed of every random draw of the run (resumable, reproducible)."),
                 io.Boolean.Input("gradient_checkpointing", default=True, tooltip="Recompute activations in backward: much less memory, about 30% slower."),
@@ -103,42 +104,27 @@ class TrainLoRA(io.ComfyNode):
             for dit in (generator_dit, teacher_dit):
                 _make_trainable(dit)
             trainer = Trainer(generator_dit, teacher_dit, texts, negative, settings, dtype=bridge.compute_dtype(model))
+            live = bridge.LiveProgress(cls.hidden.unique_id, iterations)
+
+            def on_step(info):
+                seen.append(info)
+                gl = next((h["generator_loss"] for h in reversed(seen) if "generator_loss" in h), None)
+                live.status(f"iteration {info['iteration']}/{iterations} · critic {info['critic_loss']:.4f}"
+                            + (f" · generator {gl:.3g}" if gl is not None else "") + f" · {info['seconds']:.1f} s/it")
+                live.bar.update_absolute(info["iteration"], iterations)  # raises when cancelled
+
+            seen: list[dict] = []
             try:
-                live = bridge.LiveProgress(cls.hidden.unique_id, iterations)
-                if resume and checkpoint.is_file():
-                    trainer.resume(checkpoint)
-                    live.status(f"resumed {checkpoint.name} at iteration {trainer.iteration}/{iterations}"
-                                + (" - nothing left to train: raise iterations to continue" if trainer.iteration >= iterations else ""))
-                history: list[dict] = []
-                cancelled = []
-
-                def on_step(info):
-                    history.append(info)
-                    gl = next((h["generator_loss"] for h in reversed(history) if "generator_loss" in h), None)
-                    live.status(f"iteration {info['iteration']}/{iterations} · critic {info['critic_loss']:.4f}"
-                                + (f" · generator {gl:.3g}" if gl is not None else "") + f" · {info['seconds']:.1f} s/it")
-                    try:
-                        live.bar.update_absolute(info["iteration"], iterations)  # raises when cancelled
-                    except mm.InterruptProcessingException:
-                        cancelled.append(True)
-
-                try:
-                    trainer.train(checkpoint, on_step=on_step,
-                                  should_stop=lambda: bool(cancelled) or mm.processing_interrupted())
-                except mm.InterruptProcessingException:  # ComfyUI's ops raise it mid-iteration
-                    cancelled.append(True)
-                if cancelled or mm.processing_interrupted():  # keep what was learned: resume later
-                    trainer.save_checkpoint(checkpoint)
-                    live.status(f"cancelled at iteration {trainer.iteration}; checkpoint {checkpoint.name} saved")
+                result = run_session(trainer, checkpoint, lora_path, resume=resume, metadata={"base": "self-forcing"},
+                                     on_step=on_step, should_stop=mm.processing_interrupted,
+                                     interrupts=(mm.InterruptProcessingException,), log=live.status)
+                if not result.finished:  # the checkpoint keeps what was learned: resume later
                     raise mm.InterruptProcessingException()
-                lora = trainer.final_lora()
-                lora.save(lora_path, metadata={"base": "self-forcing", "iterations": str(trainer.iteration)})
-                weights = {k: v.detach().clone() for k, v in lora.to_comfy().items()}
+                weights = {k: v.detach().clone() for k, v in result.lora.to_comfy().items()}
             finally:
                 trainer.close()
         patched, _ = comfy.sd.load_lora_for_models(model, None, weights, 1.0, 0)
-        curve = torch.from_numpy(loss_curve(history)).float()[None] / 255.0
-        live.status(f"saved {lora_path.name} after {trainer.iteration} iterations")
+        curve = torch.from_numpy(loss_curve(result.history)).float()[None] / 255.0
         return io.NodeOutput(patched, curve)
 
 

@@ -22,11 +22,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import options
 from .config import WanConfig
 from .io import DTYPES, compute_dtype
 from .latents import SPATIAL_STRIDE, TIME_STRIDE, latent_size_for, video_frames_for
 from .sources import EncodedVideo, LatentVideo, frame_batches
-from .stream import Stream, StreamSettings
+from .stream import Stream
 from .text import inspect_text_encoder, load_text_encoder
 from .timing import Laps, device_name, median, peak_memory, reset_peak, rss_mb, synchronize
 from .train.trainer import TrainSettings, Trainer
@@ -81,12 +82,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--height", type=int, default=480)
     p.add_argument("--width", type=int, default=832)
     p.add_argument("--chunks", type=int, default=7, help="chunks to generate / decode")
-    p.add_argument("--frames-per-chunk", type=int, default=3, help="latent frames per chunk")
-    p.add_argument("--steps", default="1000,750,500,250")
-    p.add_argument("--window", type=int, default=None, help="rolling cache window in latent frames")
-    p.add_argument("--sink", type=int, default=0)
-    p.add_argument("--sink-positions", choices=["adjacent", "absolute"], default="adjacent",
-                   help="where the sink sits for RoPE: right before the window (LongLive) or at its own frames")
+    options.add_arguments(p)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None, choices=list(DTYPES), help="default: bf16 on GPU, fp32 on CPU")
     p.add_argument("--attn", default="auto")
@@ -148,9 +144,7 @@ def run_stream(args) -> dict:
     dtype = compute_dtype(args.dtype, device)
     cfg = WanConfig.preset(args.config)
     h, w = latent_size_for(args.height, args.width)
-    settings = StreamSettings(frames_per_chunk=args.frames_per_chunk, steps=tuple(float(s) for s in args.steps.split(",")),
-                              window=args.window, sink=args.sink, sink_positions=args.sink_positions,
-                              strength=1.0 if args.strength is None else args.strength)
+    settings = options.stream_settings(args, strength=1.0 if args.strength is None else args.strength)
     model = random_dit(cfg, device, dtype)
     if args.fp8:
         quantize_linears(model)
@@ -184,7 +178,7 @@ def run_stream(args) -> dict:
         "steps": list(settings.steps),
         "video_to_video": None if args.strength is None else {"strength": args.strength,
                                                               "input_encoder": args.input_encoder},
-        "window": args.window, "sink": args.sink, "chunks": len(times),
+        "window": settings.window, "sink": settings.sink, "chunks": len(times),
         "seconds_per_chunk": [round(t, 5) for t in times],
         "first_chunk_latency_s": round(times[0], 5),
         "latent_fps": round(steady_frames / sum(steady), 3),

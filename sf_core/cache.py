@@ -49,10 +49,6 @@ class KVCache:
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
     ):
-        if rolling and not 0 <= sink < capacity:
-            raise ValueError(f"sink ({sink} frames) must be smaller than the window ({capacity} frames)")
-        if sink_positions not in SINK_POSITIONS:
-            raise ValueError(f"sink_positions must be one of {SINK_POSITIONS}, got {sink_positions!r}")
         self.config = config
         self.capacity, self.sink, self.rolling = capacity, sink, rolling
         self.adjacent_sink = rolling and sink > 0 and sink_positions == "adjacent"
@@ -71,10 +67,11 @@ class KVCache:
 
     @staticmethod
     def estimate_bytes(config: WanConfig, batch: int, latent_height: int, latent_width: int, capacity: int,
-                       dtype: torch.dtype = torch.bfloat16) -> int:
-        """Memory a cache of `capacity` frames will take (K, V and the clean latents)."""
-        tokens = capacity * config.tokens_per_frame(latent_height, latent_width)
-        kv = 2 * config.num_layers * batch * tokens * config.dim * torch.empty(0, dtype=dtype).element_size()
+                       dtype: torch.dtype = torch.bfloat16, sink_copy: int = 0) -> int:
+        """Memory a cache of `capacity` frames takes once built (`nbytes`): K, V, the clean latents (fp32), and
+        the pristine keys of `sink_copy` frames (an adjacent sink)."""
+        frame = config.num_layers * batch * config.tokens_per_frame(latent_height, latent_width) * config.dim
+        kv = (2 * capacity + sink_copy) * frame * torch.empty(0, dtype=dtype).element_size()
         return kv + batch * config.in_dim * capacity * latent_height * latent_width * 4
 
     @property

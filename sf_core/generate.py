@@ -21,16 +21,17 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from . import options
 from .bench import add_speed_arguments, check_speed_arguments
 from .checkpoints import check_dit_file, load_dit
 from .errors import CheckpointError, SelfForcingError
 from .io import DTYPES, atomic_path, check_writable, compute_dtype
 from .weights import peek_keys
 from .pipeline import Timings, decode_stream
-from .latents import denormalize, latent_frames_for, latent_size_for, video_frames_for
+from .latents import TIME_STRIDE, denormalize, latent_frames_for, latent_size_for, video_frames_at_least, video_frames_for
 from .sources import EncodedVideo
-from .steering import BLEND_MODES, PromptInbox
-from .stream import CONTEXT_SOURCES, PromptSegment, PromptTimeline, Stream, StreamSettings
+from .steering import PromptInbox
+from .stream import SWITCH_MODES, PromptSegment, PromptTimeline, Stream
 from .text import inspect_text_encoder, load_text_encoder, read_embedded_tokenizer
 from .timeline import parse_timeline
 from .vae import detect_decoder_kind, load_decoder, load_encoder
@@ -56,29 +57,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     length.add_argument("--seconds", type=float, default=None, help="video length in seconds at --fps")
     p.add_argument("--width", type=int, default=None, help="default 832, or the input video's width")
     p.add_argument("--height", type=int, default=None, help="default 480, or the input video's height")
-    p.add_argument("--frames-per-chunk", type=int, default=3, help="latent frames per chunk (3 chunk-wise, 1 frame-wise)")
-    p.add_argument("--steps", default="1000,750,500,250")
-    p.add_argument("--shift", type=float, default=5.0)
-    p.add_argument("--window", type=int, default=None, help="rolling cache window (latent frames)")
-    p.add_argument("--sink", type=int, default=0, help="attention-sink frames kept in the window")
-    p.add_argument("--switch", choices=["recache", "cut"], default="recache")
-    p.add_argument("--sink-positions", choices=["adjacent", "absolute"], default="adjacent",
-                   help="where the sink sits for RoPE: right before the window (LongLive) or at its own frames")
-    p.add_argument("--blend-chunks", type=int, default=0,
-                   help="a prompt change moves over this many chunks (timeline and live changes; 0: at once)")
-    p.add_argument("--blend", choices=list(BLEND_MODES), default="linear", help="how prompts are mixed while moving")
+    options.add_arguments(p)
+    p.add_argument("--switch", choices=list(SWITCH_MODES), default="recache",
+                   help="at a prompt change: re-encode the cached frames under the new prompt, or cut")
+    options.add_arguments(p, options.STREAMING)
     inp = p.add_mutually_exclusive_group()
     inp.add_argument("--image", default=None,
                      help="image-to-video: the first frame (PNG/JPEG), scaled to cover the size and centre-cropped")
     inp.add_argument("--input-video", default=None,
                      help="video-to-video: restyle this video as it streams (encoded chunk by chunk). It is not "
                           "resized: its size must be the output size (the default). A shorter video ends the stream")
-    p.add_argument("--strength", type=float, default=0.7,
-                   help="video-to-video: 0 keeps the input, 1 ignores it (text-to-video); maps onto the step list")
     p.add_argument("--start-step", type=int, default=None,
                    help="video-to-video: begin at this step of --steps instead of --strength (0 = all steps)")
-    p.add_argument("--context", choices=list(CONTEXT_SOURCES), default="generated",
-                   help="video-to-video: the KV cache holds the generated frames or the input frames")
     p.add_argument("--encoder", choices=["wan", "taehv"], default=None,
                    help="what encodes --image / --input-video (default: the --decoder kind; wan needs --vae)")
     p.add_argument("--interactive", action="store_true",
@@ -104,8 +94,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def _video_frames(args) -> int:
     if args.seconds is not None:
-        n = max(1, round(args.seconds * args.fps))
-        return 1 + 4 * max(0, (n - 1 + 3) // 4)  # round up to 1 + 4k
+        return video_frames_at_least(max(1, round(args.seconds * args.fps)))
     return 81 if args.frames is None else args.frames
 
 
@@ -123,11 +112,7 @@ def preflight(args) -> dict:
     latent_frames = latent_frames_for(_video_frames(args))
     if args.image is not None and latent_frames < 2:
         raise SelfForcingError("image-to-video needs at least 5 frames (the image is the first)")
-    settings = StreamSettings(frames_per_chunk=args.frames_per_chunk, shift=args.shift, window=args.window,
-                              sink=args.sink, switch=args.switch, sink_positions=args.sink_positions,
-                              steps=tuple(float(s) for s in args.steps.split(",")), blend_chunks=args.blend_chunks,
-                              blend=args.blend, strength=args.strength, start_step=args.start_step,
-                              context=args.context)
+    settings = options.stream_settings(args, switch=args.switch, start_step=args.start_step)
     if args.interactive and args.timeline_out is None:
         args.timeline_out = str(Path(args.output).with_suffix(".timeline.txt"))
     if args.timeline_out:
@@ -176,7 +161,7 @@ def _check_input_video(args) -> dict | None:
         )
     args.width, args.height = vw, vh
     if args.frames is None and args.seconds is None and info["frames"] >= 1:
-        args.frames = 1 + 4 * ((info["frames"] - 1) // 4)
+        args.frames = 1 + TIME_STRIDE * ((info["frames"] - 1) // TIME_STRIDE)  # the longest 1 + 4k it holds
     return info
 
 

@@ -56,6 +56,11 @@ def latent_frames_for(video_frames: int) -> int:
     return 1 + (video_frames - 1) // TIME_STRIDE
 
 
+def video_frames_at_least(frames: int) -> int:
+    """The shortest valid video length (1 + 4k frames) that holds `frames` frames."""
+    return 1 + TIME_STRIDE * max(0, -(-(frames - 1) // TIME_STRIDE))
+
+
 def video_frames_for(latent_frames: int) -> int:
     """Latent frames -> decoded video frames: the first latent frame gives 1 frame, each later one 4."""
     if latent_frames < 1:

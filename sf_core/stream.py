@@ -27,6 +27,8 @@ from typing import Iterator, Sequence
 import torch
 
 from .cache import SINK_POSITIONS, KVCache
+from .config import WanConfig
+from .latents import TIME_STRIDE
 from .errors import SelfForcingError
 from .schedule import SELF_FORCING_STEPS, FlowSchedule, add_noise, restyle_steps
 from .sources import LatentSource, LatentVideo
@@ -91,6 +93,22 @@ class StreamSettings:
         elif self.sink:
             raise SelfForcingError("a sink needs a window (rolling cache); set window too, e.g. window 12, sink 3")
 
+    # ---- the plan: what a stream of these settings holds -------------------------------------
+    def cache_frames(self, num_frames: int | None, prefix_frames: int = 0) -> int:
+        """Latent-frame slots of the KV cache: the window, or the whole video (clean prefix included)."""
+        if self.window is not None:
+            return self.window
+        if num_frames is None:
+            raise SelfForcingError("an unbounded stream needs a window (rolling cache); set e.g. window 12, sink 3")
+        return prefix_frames + num_frames
+
+    def cache_bytes(self, config: WanConfig, latent_height: int, latent_width: int, num_frames: int | None, *,
+                    batch: int = 1, dtype: torch.dtype = torch.bfloat16, prefix_frames: int = 0) -> int:
+        """Memory the KV cache of such a stream takes, before it is built (nodes reserve it, the CLI reports it)."""
+        adjacent = self.window is not None and self.sink > 0 and self.sink_positions == "adjacent"
+        return KVCache.estimate_bytes(config, batch, latent_height, latent_width, self.cache_frames(num_frames, prefix_frames),
+                                      dtype, sink_copy=self.sink if adjacent else 0)
+
 
 @dataclass(frozen=True)
 class PromptSegment:
@@ -124,13 +142,13 @@ class PromptTimeline:
 
 
 def chunk_at_seconds(seconds: float, fps: float = 16.0, frames_per_chunk: int = 3) -> int:
-    """Generated chunk that holds the video frame shown at `seconds` (frame 0 = latent 0; 4 frames/latent)."""
+    """Generated chunk that holds the video frame shown at `seconds` (frame 0 = latent 0; TIME_STRIDE frames/latent)."""
     return chunk_at_frame(round(seconds * fps), frames_per_chunk)
 
 
 def chunk_at_frame(frame: int, frames_per_chunk: int = 3) -> int:
-    """Generated chunk that holds video frame `frame` (frame 0 is latent frame 0, then 4 frames per latent)."""
-    latent = 0 if frame <= 0 else (frame - 1) // 4 + 1
+    """Generated chunk that holds video frame `frame` (frame 0 is latent frame 0, then TIME_STRIDE frames per latent)."""
+    latent = 0 if frame <= 0 else (frame - 1) // TIME_STRIDE + 1
     return latent // frames_per_chunk
 
 
@@ -185,8 +203,6 @@ class Stream:
         self.tokens_per_frame = cfg.tokens_per_frame(latent_height, latent_width)
         if num_frames is not None and num_frames < 1:
             raise SelfForcingError(f"need at least one latent frame to generate, got {num_frames}")
-        if num_frames is None and settings.window is None:
-            raise SelfForcingError("an unbounded stream needs a window (rolling cache); set e.g. window 12, sink 3")
         self.num_frames = num_frames
         self.prefix = self._check_prefix(prefix, cfg)
         self.prefix_frames = 0 if self.prefix is None else self.prefix.shape[2]
@@ -210,9 +226,8 @@ class Stream:
         for seg in self.timeline.segments:
             if seg.text.shape[0] not in (1, batch):
                 raise SelfForcingError(f"prompt batch {seg.text.shape[0]} does not match the video batch {batch}")
-        capacity = settings.window or (self.prefix_frames + num_frames)
         self.cache = KVCache(
-            cfg, batch, latent_height, latent_width, capacity,
+            cfg, batch, latent_height, latent_width, settings.cache_frames(num_frames, self.prefix_frames),
             sink=settings.sink, rolling=settings.window is not None, sink_positions=settings.sink_positions,
             dtype=backbone.dtype, device=backbone.device,
         )

@@ -5,7 +5,7 @@
     #12: it leaps into a snow bank          (chunk index)
 
 A single line without a tag is one prompt for the whole video. Times map to the chunk holding that
-video frame (16 fps, 4 video frames per latent frame, `frames_per_chunk` latent frames per chunk).
+video frame (16 fps, TIME_STRIDE = 4 video frames per latent frame, `frames_per_chunk` latent frames per chunk).
 
 The keyframe schedules of ComfyUI prompt-schedule nodes (FizzNodes' Batch Prompt Schedule and its kin) are
 read too, keyed by video frame, with or without the braces:
@@ -22,6 +22,7 @@ import re
 from dataclasses import dataclass
 
 from .errors import SelfForcingError
+from .latents import TIME_STRIDE
 from .stream import chunk_at_frame, chunk_at_seconds
 
 _TAG = re.compile(r"^\s*(?:(?P<sec>\d+(?:\.\d+)?)\s*s|#\s*(?P<chunk>\d+)|chunk\s+(?P<chunk2>\d+))\s*:\s*(?P<text>.*)$", re.I)
@@ -114,7 +115,7 @@ def resolve(entries: list[Entry], fps: float = 16.0, frames_per_chunk: int = 3) 
         if c in seen:
             raise SelfForcingError(
                 f"timeline prompts {seen[c] + 1} and {i + 1} both start in chunk {c}; prompts switch at chunk "
-                f"boundaries ({frames_per_chunk * 4 / fps:.2f}s apart): move one later"
+                f"boundaries ({frames_per_chunk * TIME_STRIDE / fps:.2f}s apart): move one later"
             )
         seen[c] = i
     if 0 not in seen:

@@ -171,55 +171,44 @@ _MISSING_TYPES_JS = """
 """
 
 
+def _run_in_frontend(server_or_page, types, js_body: str, what: str) -> dict:
+    """Run `js_body` (async JS that ends with a `return {...}`) in the frontend once every node type in `types`
+    is registered; a ComfyServerError names the missing ones."""
+    from comfy_server import ComfyServerError
+
+    page, own = _page_and_owner(server_or_page)
+    try:
+        res = page.evaluate("(async () => {" + _MISSING_TYPES_JS + f"  const m = missing({json.dumps(sorted(types))});"
+                            "  if (m.length) return {missing: m};" + js_body + "})()")
+        if res.get("missing"):
+            raise ComfyServerError(f"the {what} uses node types the server does not have: {res['missing']}")
+        return res
+    finally:
+        if own:
+            page.close()
+
+
 def ui_to_api(server_or_page, ui_workflow: dict) -> dict:
     """A UI-format workflow (nodes/links, what template files hold) -> the API prompt {id: {class_type,
     inputs, _meta}} the frontend would queue: ``app.loadGraphData(wf)`` then ``(await app.graphToPrompt()).output``.
     Raises ComfyServerError when the workflow names node types the server does not know (the frontend would
     only show its missing-nodes dialog)."""
-    from comfy_server import ComfyServerError
-
-    page, own = _page_and_owner(server_or_page)
-    try:
-        types = sorted({n.get("type") for n in ui_workflow.get("nodes", []) if n.get("type")})
-        res = page.evaluate(
-            "(async () => {" + _MISSING_TYPES_JS +
-            f"  const m = missing({json.dumps(types)});"
-            "  if (m.length) return {missing: m};"
-            f"  await app.loadGraphData({json.dumps(ui_workflow)}, true, true, null,"
-            "       {showMissingNodesDialog: false, showMissingModelsDialog: false});"
-            "  const p = await app.graphToPrompt();"
-            "  return {output: p.output};"
-            "})()")
-        if res.get("missing"):
-            raise ComfyServerError(f"the workflow uses node types the server does not have: {res['missing']}")
-        return res["output"]
-    finally:
-        if own:
-            page.close()
+    types = {n.get("type") for n in ui_workflow.get("nodes", []) if n.get("type")}
+    js = (f"  await app.loadGraphData({json.dumps(ui_workflow)}, true, true, null,"
+          "       {showMissingNodesDialog: false, showMissingModelsDialog: false});"
+          "  const p = await app.graphToPrompt();"
+          "  return {output: p.output};")
+    return _run_in_frontend(server_or_page, types, js, "workflow")["output"]
 
 
 def api_to_ui(server_or_page, api_prompt: dict, name: str = "workflow.json") -> dict:
     """An API prompt -> a UI-format workflow: ``app.loadApiJson(prompt)`` (creates the nodes with the same
     ids, sets widget values, links, arranges) then ``app.graph.serialize()``. Raises ComfyServerError for
     unknown node types."""
-    from comfy_server import ComfyServerError
-
-    page, own = _page_and_owner(server_or_page)
-    try:
-        types = sorted({n["class_type"] for n in api_prompt.values()})
-        res = page.evaluate(
-            "(async () => {" + _MISSING_TYPES_JS +
-            f"  const m = missing({json.dumps(types)});"
-            "  if (m.length) return {missing: m};"
-            f"  await app.loadApiJson({json.dumps(api_prompt)}, {json.dumps(name)});"
-            "  return {workflow: app.graph.serialize()};"
-            "})()")
-        if res.get("missing"):
-            raise ComfyServerError(f"the prompt uses node types the server does not have: {res['missing']}")
-        return res["workflow"]
-    finally:
-        if own:
-            page.close()
+    types = {n["class_type"] for n in api_prompt.values()}
+    js = (f"  await app.loadApiJson({json.dumps(api_prompt)}, {json.dumps(name)});"
+          "  return {workflow: app.graph.serialize()};")
+    return _run_in_frontend(server_or_page, types, js, "prompt")["workflow"]
 
 
 def _widget_default(spec: list) -> Any:

@@ -20,15 +20,6 @@ from fixtures.lora_model import (DIM, FFN, assert_restored, make_inputs, make_mo
                                   target_paths)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These matmuls are tiny: extra threads only add spin-waiting on a shared CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # ----------------------------------------------------------------------------- tests
 def test_default_targets_are_every_block_linear():
     model = make_model(layers=3)

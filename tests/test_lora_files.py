@@ -17,15 +17,6 @@ from sf_core.lora import DEFAULT_TARGETS, LoRA, find_targets
 from fixtures.lora_model import DIM, FFN, LINEARS, make_inputs, make_model, merged_copy, randomize, target_paths
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These matmuls are tiny: extra threads only add spin-waiting on a shared CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_save_writes_exact_comfyui_keys(tmp_path):
     rank, alpha = 4, 8.0
     model = make_model()

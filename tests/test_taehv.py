@@ -26,14 +26,6 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = (32, 16, 8, 8)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def sd():
     return make_tiny_taehv_state_dict(TINY, seed=0)

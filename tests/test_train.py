@@ -224,3 +224,36 @@ def test_bad_training_input_is_refused_before_work(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         tr.train(checkpoint=tmp_path / "missing" / "ckpt.pt")
     assert tr.iteration == 0 and not (tmp_path / "missing").exists()
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_session_interrupted_keeps_a_checkpoint_and_resumes_to_the_same_lora(tmp_path):
+    """The runner the CLI and the node share: an interrupt raised by the progress callback saves the checkpoint and
+    writes no LoRA; a resumed session ends with the LoRA an uninterrupted session writes."""
+    from sf_core.train.session import run_session
+
+    settings = dict(iterations=3, critic_ratio=2, save_every=100)
+    whole, _, _ = _trainer(**settings)
+    done = run_session(whole, tmp_path / "whole.ckpt.pt", tmp_path / "whole.safetensors")
+    assert done.finished and [h["iteration"] for h in done.history] == [1, 2, 3]
+
+    def interrupt_at_2(info):
+        if info["iteration"] == 2:
+            raise _Stop
+
+    cut, _, _ = _trainer(**settings)
+    stopped = run_session(cut, tmp_path / "cut.ckpt.pt", tmp_path / "cut.safetensors", on_step=interrupt_at_2,
+                          interrupts=(_Stop,))
+    assert not stopped.finished and stopped.lora is None and not (tmp_path / "cut.safetensors").exists()
+    assert torch.load(tmp_path / "cut.ckpt.pt", weights_only=True)["iteration"] == 2  # saved although save_every=100
+
+    again, _, _ = _trainer(**settings)
+    log = []
+    resumed = run_session(again, tmp_path / "cut.ckpt.pt", tmp_path / "cut.safetensors", resume=True, log=log.append)
+    assert resumed.finished and "at iteration 2/3" in log[0] and [h["iteration"] for h in resumed.history] == [3]
+    a, b = LoRA.load(tmp_path / "whole.safetensors"), LoRA.load(tmp_path / "cut.safetensors")
+    for p in a.paths:
+        assert (a.layer(p).B - b.layer(p).B).abs().max() <= 1e-6

@@ -20,15 +20,6 @@ from fixtures.vae import make_tiny_wan_vae_state_dict, save_state_dict, write_ti
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # tiny convolutions: one thread is much faster than two contended ones
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def sd():
     return make_tiny_wan_vae_state_dict(base_dim=8, seed=0)

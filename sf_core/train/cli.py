@@ -19,6 +19,7 @@ from ..errors import SelfForcingError
 from ..io import DTYPES, check_writable, compute_dtype
 from ..latents import latent_frames_for, latent_size_for
 from ..text import inspect_text_encoder, load_text_encoder
+from .session import run_session
 from .trainer import TrainSettings, Trainer
 
 # The negative prompt Wan2.1 and the Self Forcing recipe use for the teacher's unconditional branch.
@@ -110,14 +111,13 @@ def run(args, log=print) -> dict:
     generator, _ = load_dit(args.model, device=device, dtype=dtype)
     teacher, _ = load_dit(args.teacher, device=device, dtype=dtype)
     trainer = Trainer(generator, teacher, embeds, negative, settings, dtype=dtype)
-    if args.resume:
-        trainer.resume(checkpoint)
-        log(f"resumed at iteration {trainer.iteration}")
-    history = trainer.train(checkpoint, on_step=lambda info: log(json.dumps(_fmt(info))))
-    trainer.final_lora().save(args.output, metadata={"prompts": str(len(prompts)), "iterations": str(trainer.iteration)})
-    trainer.close()
-    log(f"saved {args.output}")
-    return {"history": history, "output": str(args.output), "checkpoint": str(checkpoint)}
+    try:
+        result = run_session(trainer, checkpoint, args.output, resume=args.resume, metadata={"prompts": str(len(prompts))},
+                             on_step=lambda info: log(json.dumps(_fmt(info))), log=log)
+    finally:
+        trainer.close()
+    return {"history": result.history, "output": str(args.output), "checkpoint": str(checkpoint),
+            "finished": result.finished}
 
 
 def _fmt(info: dict) -> dict:
@@ -125,5 +125,4 @@ def _fmt(info: dict) -> dict:
 
 
 def main(args) -> int:
-    run(args)
-    return 0
+    return 0 if run(args)["finished"] else 130  # interrupted: the checkpoint is kept, continue with --resume

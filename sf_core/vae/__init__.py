@@ -75,12 +75,8 @@ def _read(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return sd
 
 
-def decoder_from_state_dict(
-    sd: Mapping[str, torch.Tensor],
-    device: str | torch.device = "cpu",
-    dtype: torch.dtype = torch.float32,
-    source: str = "state dict",
-) -> AnyDecoder:
+def decoder_from_state_dict(sd: Mapping[str, torch.Tensor], device: str | torch.device = "cpu",
+                            dtype: torch.dtype = torch.float32, source: str = "state dict") -> AnyDecoder:
     """A decoder-only `WanVAE` or `TAEHV`, whichever layout `sd` has (names checked strictly)."""
     kind = detect_decoder_kind(sd)
     if kind == "wan":
@@ -92,12 +88,8 @@ def decoder_from_state_dict(
                 "'decoder.1.weight', 'decoder.3.conv.0.weight')", sd)
 
 
-def vae_from_state_dict(
-    sd: Mapping[str, torch.Tensor],
-    device: str | torch.device = "cpu",
-    dtype: torch.dtype = torch.float32,
-    source: str = "state dict",
-) -> WanVAE:
+def vae_from_state_dict(sd: Mapping[str, torch.Tensor], device: str | torch.device = "cpu",
+                        dtype: torch.dtype = torch.float32, source: str = "state dict") -> WanVAE:
     """The full Wan2.1 VAE (encoder and decoder) from a state dict (names checked strictly)."""
     if detect_decoder_kind(sd) == "taehv":
         raise CheckpointError(

@@ -1,0 +1,98 @@
+"""The sampling options, declared once: the CLI flags (`add_arguments`) and the ComfyUI node inputs
+(`nodes/common.sampling_inputs` / `stream_inputs`) are both derived from `SAMPLING` and `STREAMING`, and
+`stream_settings` turns values of either into `StreamSettings` (which validates them). `parse_steps` is the one
+step-list parser.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from .cache import SINK_POSITIONS
+from .errors import SelfForcingError
+from .schedule import SELF_FORCING_STEPS
+from .steering import BLEND_MODES
+from .stream import CONTEXT_SOURCES, StreamSettings
+
+
+@dataclass(frozen=True)
+class Option:
+    """One sampling knob. `name` is the node input and the keyword; `flag` the command-line spelling."""
+
+    name: str
+    type: type  # int, float, str
+    default: Any
+    help: str
+    flag: str = ""
+    min: float | None = None
+    max: float | None = None
+    step: float | None = None
+    choices: tuple[str, ...] = ()
+    optional: bool = False  # an optional node input
+
+    @property
+    def cli_flag(self) -> str:
+        return self.flag or "--" + self.name.replace("_", "-")
+
+
+SAMPLING: tuple[Option, ...] = (
+    Option("frames_per_chunk", int, 3, "Latent frames denoised together (3 = chunk-wise checkpoints, 1 = frame-wise).",
+           min=1, max=21),
+    Option("denoising_steps", str, ",".join(str(s) for s in SELF_FORCING_STEPS),
+           "Few-step schedule of the checkpoint, before warping onto the shifted grid.", flag="--steps"),
+    Option("shift", float, 5.0, "Flow-matching time shift.", min=0.1, max=20.0, step=0.1),
+    Option("window", int, 0, "Rolling KV cache: latent frames attended to, including the sink and the current chunk. "
+           "0 keeps the whole video (bounded length). 12 with sink 3 streams without limit.", min=0, max=1024),
+    Option("sink", int, 0, "Attention-sink frames at the start that are never evicted from the window.", min=0, max=1024),
+    Option("sink_positions", str, "adjacent", "adjacent: the sink is seen right before the window (window-relative "
+           "RoPE, as LongLive); absolute: at its own, ever more distant, frames.", choices=SINK_POSITIONS),
+)
+
+
+#: Video-to-video and prompt blending: optional node inputs of the sampler, flags of `generate`.
+STREAMING: tuple[Option, ...] = (
+    Option("strength", float, 0.7, "Video-to-video: how much of the input video is redrawn. 0 keeps it, 1 ignores it "
+           "(text-to-video); in between, each chunk of the input is noised to that level and denoised by the remaining "
+           "steps under the prompt.", min=0.0, max=1.0, step=0.05, optional=True),
+    Option("context", str, "generated", "Video-to-video: what later chunks attend to. generated: the restyled frames (a "
+           "coherent new video); input: the input's frames (follows the input's motion closely).",
+           choices=CONTEXT_SOURCES, optional=True),
+    Option("blend_chunks", int, 0, "A prompt change (timeline or live) moves over this many chunks; 0 switches at once.",
+           min=0, max=64, optional=True),
+    Option("blend", str, "linear", "How the prompts are mixed while a change moves: linear or slerp of the text "
+           "embeddings.", choices=BLEND_MODES, optional=True),
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser, group: tuple[Option, ...] = SAMPLING) -> None:
+    """The flags of a group: SAMPLING (`--frames-per-chunk`, `--steps`, `--shift`, `--window`, `--sink`,
+    `--sink-positions`) or STREAMING (`--strength`, `--context`, `--blend-chunks`, `--blend`)."""
+    for o in group:
+        kw: dict = {"dest": o.name, "default": o.default, "help": o.help.replace("%", "%%")}
+        if o.choices:
+            kw["choices"] = list(o.choices)
+        else:
+            kw["type"] = o.type
+        parser.add_argument(o.cli_flag, **kw)
+
+
+def parse_steps(text: str) -> tuple[float, ...]:
+    """"1000, 750,500,250" -> (1000.0, 750.0, 500.0, 250.0), or an error that shows the expected form."""
+    try:
+        return tuple(float(s) for s in str(text).replace(" ", "").split(",") if s)
+    except ValueError:
+        raise SelfForcingError(
+            f"denoising steps must be numbers separated by commas, like 1000,750,500,250; got {text!r}") from None
+
+
+def stream_settings(values: Mapping[str, Any] | argparse.Namespace, switch: str = "recache", **more) -> StreamSettings:
+    """Sampling option values (node inputs, or parsed flags) -> validated StreamSettings; window 0 = none.
+    `more`: further StreamSettings fields (video-to-video, blending)."""
+    v = vars(values) if isinstance(values, argparse.Namespace) else values
+    get = {o.name: v.get(o.name, o.default) for o in SAMPLING}
+    streaming = {o.name: v[o.name] for o in STREAMING if v.get(o.name) is not None}
+    return StreamSettings(frames_per_chunk=get["frames_per_chunk"], steps=parse_steps(get["denoising_steps"]),
+                          shift=get["shift"], window=get["window"] or None, sink=get["sink"],
+                          sink_positions=get["sink_positions"], switch=switch, **{**streaming, **more})

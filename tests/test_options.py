@@ -1,0 +1,55 @@
+"""Sampling options declared once: the generate and bench flags come from one declaration and give the same
+settings; the memory plan of a stream equals what its cache allocates."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sf_core.cli import build_parser
+from sf_core.config import WanConfig
+from sf_core.errors import SelfForcingError
+from sf_core.options import SAMPLING, stream_settings
+from sf_core.stream import Stream, StreamSettings
+from sf_core.wan import WanBackbone
+
+FLAGS = ["--frames-per-chunk", "2", "--steps", "1000, 500", "--shift", "3", "--window", "8", "--sink", "2",
+         "--sink-positions", "absolute"]
+
+
+def test_generate_and_bench_share_the_sampling_flags():
+    parser = build_parser()
+    gen = parser.parse_args(["generate", "--model", "m", "--text-encoder", "t", "--prompt", "p", "-o", "o.mp4", *FLAGS])
+    bench = parser.parse_args(["bench", *FLAGS])
+    want = StreamSettings(frames_per_chunk=2, steps=(1000.0, 500.0), shift=3.0, window=8, sink=2, sink_positions="absolute")
+    assert stream_settings(gen) == stream_settings(bench) == want
+    streaming = parser.parse_args(["generate", "--model", "m", "--text-encoder", "t", "--prompt", "p", "-o", "o.mp4",
+                                   "--strength", "0.3", "--context", "input", "--blend-chunks", "2", "--blend", "slerp"])
+    s = stream_settings(streaming)
+    assert (s.strength, s.context, s.blend_chunks, s.blend) == (0.3, "input", 2, "slerp")
+    defaults = stream_settings(parser.parse_args(["bench"]))
+    assert defaults == StreamSettings() and defaults.window is None  # window 0 = the whole video
+    assert {o.name for o in SAMPLING} == {"frames_per_chunk", "denoising_steps", "shift", "window", "sink",
+                                          "sink_positions"}  # the node inputs of the sampler and the benchmark
+
+
+@pytest.mark.parametrize("steps, words", [("1000,x", "numbers separated by commas"), ("500,750", "must decrease")])
+def test_bad_step_lists_say_what_to_write(steps, words):
+    with pytest.raises(SelfForcingError, match=words):
+        stream_settings({"denoising_steps": steps})
+
+
+@pytest.mark.parametrize("window, sink, positions, frames", [(None, 0, "adjacent", 6), (5, 0, "adjacent", None),
+                                                              (5, 2, "adjacent", None), (5, 2, "absolute", 9)])
+def test_memory_plan_equals_the_cache_a_stream_allocates(tiny_model, window, sink, positions, frames):
+    settings = StreamSettings(frames_per_chunk=1, window=window, sink=sink, sink_positions=positions)
+    cfg = WanConfig.preset("tiny")
+    text = torch.zeros(1, 4, cfg.text_dim)
+    stream = Stream(WanBackbone(tiny_model, dtype=torch.float32), text, latent_height=4, latent_width=6,
+                    num_frames=frames, settings=settings)
+    assert stream.cache.nbytes == settings.cache_bytes(cfg, 4, 6, frames, dtype=torch.float32)
+
+
+def test_unbounded_stream_without_a_window_is_refused(tiny_model):
+    with pytest.raises(SelfForcingError, match="needs a window"):
+        StreamSettings().cache_bytes(WanConfig.preset("tiny"), 4, 4, None)
