@@ -11,6 +11,7 @@ row / column (nothing is cropped), so the file is up to one pixel larger than th
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from fractions import Fraction
@@ -168,8 +169,10 @@ class VideoWriter:
             self.abort()
 
 
-def read_video(path: str | os.PathLike) -> tuple[torch.Tensor, float]:
-    """Decode a video file -> (frames uint8 [T, H, W, 3] RGB, fps)."""
+@contextlib.contextmanager
+def _open_video(path: str | os.PathLike):
+    """(container, its first video stream, frame rate or 0.0), with clear errors for a missing, empty or unreadable
+    file (also when decoding fails later inside the block)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such video file")
@@ -179,29 +182,23 @@ def read_video(path: str | os.PathLike) -> tuple[torch.Tensor, float]:
                 raise SelfForcingError(f"{path}: holds no video stream")
             stream = container.streams.video[0]
             rate = stream.average_rate or stream.guessed_rate or stream.base_rate
-            frames = [f.to_ndarray(format="rgb24") for f in container.decode(stream)]
-            height, width = stream.height, stream.width
+            yield container, stream, float(rate) if rate else 0.0
     except av.error.FFmpegError as e:
         raise SelfForcingError(f"{path}: not a readable video ({e})") from e
-    out = torch.from_numpy(np.stack(frames)) if frames else torch.zeros(0, height, width, 3, dtype=torch.uint8)
-    return out, float(rate) if rate else 0.0
+
+
+def read_video(path: str | os.PathLike) -> tuple[torch.Tensor, float]:
+    """Decode a video file -> (frames uint8 [T, H, W, 3] RGB, fps)."""
+    with _open_video(path) as (container, stream, fps):
+        frames = [f.to_ndarray(format="rgb24") for f in container.decode(stream)]
+        empty = torch.zeros(0, stream.height, stream.width, 3, dtype=torch.uint8)
+    return (torch.from_numpy(np.stack(frames)) if frames else empty), fps
 
 
 def probe_video(path: str | os.PathLike) -> dict:
     """Size, frame count (0 when the container does not say) and frame rate of a video file, without decoding."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such video file")
-    try:
-        with av.open(str(path)) as container:
-            if not container.streams.video:
-                raise SelfForcingError(f"{path}: holds no video stream")
-            stream = container.streams.video[0]
-            rate = stream.average_rate or stream.guessed_rate or stream.base_rate
-            return {"width": stream.width, "height": stream.height, "frames": int(stream.frames or 0),
-                    "fps": float(rate) if rate else 0.0}
-    except av.error.FFmpegError as e:
-        raise SelfForcingError(f"{path}: not a readable video ({e})") from e
+    with _open_video(path) as (_, stream, fps):
+        return {"width": stream.width, "height": stream.height, "frames": int(stream.frames or 0), "fps": fps}
 
 
 def iter_video(path: str | os.PathLike, first: int = 9, then: int = 12):

@@ -191,14 +191,7 @@ class StreamDecoderBase:
 
     def _prepare(self, x: torch.Tensor, what: str) -> torch.Tensor:
         check_latent(x, self._channels, what)
-        b, _, _, h, w = x.shape
-        if self._geometry is not None and self._geometry != (b, h, w):
-            pb, ph, pw = self._geometry
-            raise SelfForcingError(
-                f"{what}: this stream started with batch {pb} and latent size {ph}x{pw} (h x w), "
-                f"got a chunk with batch {b} and size {h}x{w}; call reset() to start a new video"
-            )
-        self._geometry = (b, h, w)
+        self._geometry = same_geometry(self._geometry, x, what, "latents of")
         return x
 
     def decode(self, mu: torch.Tensor) -> torch.Tensor:
@@ -266,13 +259,7 @@ class StreamEncoderBase:
         b, _, _, h, w = video.shape
         if h % self._stride or w % self._stride:
             raise SelfForcingError(f"encode: frame size {w}x{h} (WxH) must be a multiple of {self._stride}")
-        if self._geometry is not None and self._geometry != (b, h, w):
-            pb, ph, pw = self._geometry
-            raise SelfForcingError(
-                f"encode: this stream started with batch {pb} and frames of {pw}x{ph} (WxH), got batch {b} and "
-                f"{w}x{h}; call reset() to start a new video"
-            )
-        self._geometry = (b, h, w)
+        self._geometry = same_geometry(self._geometry, video, "encode", "frames of")
         return video
 
     def _empty(self) -> torch.Tensor:
@@ -336,6 +323,16 @@ class StreamEncoderBase:
 
     def _flush_pending(self, normalized: bool) -> torch.Tensor:  # pragma: no cover - overridden
         raise NotImplementedError
+
+
+def same_geometry(first: tuple[int, int, int] | None, x: torch.Tensor, what: str, unit: str) -> tuple[int, int, int]:
+    """(batch, h, w) of chunk `x` [B, C, n, h, w], which must match the stream's `first` chunk (None: this is it)."""
+    b, _, _, h, w = x.shape
+    if first is not None and first != (b, h, w):
+        pb, ph, pw = first
+        raise SelfForcingError(f"{what}: this stream started with batch {pb} and {unit} {pw}x{ph} (WxH), got batch {b} "
+                               f"and {w}x{h}; call reset() to start a new video")
+    return b, h, w
 
 
 def to_normalized(x: torch.Tensor, normalized: bool, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
