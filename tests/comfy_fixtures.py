@@ -157,6 +157,25 @@ def tiny_comfy_server(work_dir: str | os.PathLike, te_layers: int = 2, stock_tae
 # UI workflow <-> API prompt, through the real frontend
 
 
+def sampler_graph(files: dict, prompt: str, *, seed: int = 3, length: int = 25, folder: str = "latents",
+                  model=None, vae: bool = True, clip: bool = False, **sampler) -> dict:
+    """An API prompt: stock loaders (UNETLoader, CLIPLoader type wan, CLIP Text Encode, VAELoader) into the
+    Self-Forcing Stream Sampler (chunk-wise, 4 steps, whole-video cache), whose LATENT SaveLatent writes as
+    `folder/s<seed>`. `model` replaces the MODEL link; `vae` / `clip` connect those inputs; `sampler` sets inputs."""
+    inputs = {"model": model or ["1", 0], "positive": ["3", 0], "seed": seed, "length": length, "frames_per_chunk": 3,
+              "denoising_steps": "1000,750,500,250", "shift": 5.0, "window": 0, "sink": 0,
+              "sink_positions": "adjacent", "fps": 16.0, **({"vae": ["4", 0]} if vae else {}),
+              **({"clip": ["2", 0]} if clip else {}), **sampler}
+    return {
+        "1": {"class_type": "UNETLoader", "inputs": {"unet_name": files["dit"], "weight_dtype": "default"}},
+        "2": {"class_type": "CLIPLoader", "inputs": {"clip_name": files["text_encoder"], "type": "wan", "device": "default"}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["2", 0], "text": prompt}},
+        "4": {"class_type": "VAELoader", "inputs": {"vae_name": files["vae"]}},
+        "5": {"class_type": "SelfForcingStreamSampler", "inputs": inputs},
+        "6": {"class_type": "SaveLatent", "inputs": {"samples": ["5", 0], "filename_prefix": f"{folder}/s{seed}"}},
+    }
+
+
 def _page_and_owner(server_or_page):
     """(page, close_after): a BrowserPage passed in is used as is; a ComfyServer gets a temporary page."""
     from comfy_server import BrowserPage, ComfyServer
@@ -251,4 +270,4 @@ def prompts_equivalent(a: dict, b: dict, object_info: dict | None = None) -> lis
 
 
 __all__ = ["COMFY_DIT_CONFIG", "SHIM_DIR", "UMT5_CONFIG_ENV", "api_to_ui", "comfy_umt5_config",
-           "prompts_equivalent", "tiny_comfy_server", "ui_to_api", "umt5_config_json", "write_comfy_tiny_models"]
+           "prompts_equivalent", "sampler_graph", "tiny_comfy_server", "ui_to_api", "umt5_config_json", "write_comfy_tiny_models"]

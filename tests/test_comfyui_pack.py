@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from comfy_fixtures import prompts_equivalent, tiny_comfy_server, ui_to_api
+from comfy_fixtures import prompts_equivalent, sampler_graph, tiny_comfy_server, ui_to_api
 from comfy_server import BrowserPage, chromium_skip_reason, comfyui_skip_reason
 
 _skip = comfyui_skip_reason()
@@ -100,19 +100,7 @@ def _frames(path) -> int:
 
 
 def _t2v(files, model=None, vae=True, seed=3, length=25, **sampler):
-    g = {
-        "1": {"class_type": "UNETLoader", "inputs": {"unet_name": files["dit"], "weight_dtype": "default"}},
-        "2": {"class_type": "CLIPLoader", "inputs": {"clip_name": files["text_encoder"], "type": "wan", "device": "default"}},
-        "3": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["2", 0], "text": PROMPT}},
-        "4": {"class_type": "VAELoader", "inputs": {"vae_name": files["vae"]}},
-        "5": {"class_type": "SelfForcingStreamSampler", "inputs": {
-            "model": model or ["1", 0], "positive": ["3", 0], "seed": seed, "length": length, "frames_per_chunk": 3,
-            "denoising_steps": "1000,750,500,250", "shift": 5.0, "window": 0, "sink": 0, "sink_positions": "adjacent", "fps": 16.0, **SMALL, **sampler}},
-        "6": {"class_type": "SaveLatent", "inputs": {"samples": ["5", 0], "filename_prefix": f"latents/s{seed}"}},
-    }
-    if vae:
-        g["5"]["inputs"]["vae"] = ["4", 0]
-    return g
+    return sampler_graph(files, PROMPT, seed=seed, length=length, model=model, vae=vae, **{**SMALL, **sampler})
 
 
 def test_pack_loads_and_lists_every_node_and_template(comfy):

@@ -9,7 +9,7 @@ import urllib.request
 import pytest
 import torch
 
-from comfy_fixtures import tiny_comfy_server
+from comfy_fixtures import sampler_graph, tiny_comfy_server
 from comfy_server import comfyui_skip_reason
 
 _skip = comfyui_skip_reason()
@@ -38,20 +38,7 @@ def comfy(tmp_path_factory):
 
 
 def _graph(files, length=25, seed=3, clip=True, **sampler):
-    g = {
-        "1": {"class_type": "UNETLoader", "inputs": {"unet_name": files["dit"], "weight_dtype": "default"}},
-        "2": {"class_type": "CLIPLoader", "inputs": {"clip_name": files["text_encoder"], "type": "wan", "device": "default"}},
-        "3": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["2", 0], "text": PROMPT}},
-        "4": {"class_type": "VAELoader", "inputs": {"vae_name": files["vae"]}},
-        "5": {"class_type": "SelfForcingStreamSampler", "inputs": {
-            "model": ["1", 0], "positive": ["3", 0], "vae": ["4", 0], "seed": seed, "length": length,
-            "frames_per_chunk": 3, "denoising_steps": "1000,750,500,250", "shift": 5.0, "window": 0, "sink": 0,
-            "sink_positions": "adjacent", "fps": 16.0, **SMALL, **sampler}},
-        "6": {"class_type": "SaveLatent", "inputs": {"samples": ["5", 0], "filename_prefix": f"streams/s{seed}"}},
-    }
-    if clip:
-        g["5"]["inputs"]["clip"] = ["2", 0]
-    return g
+    return sampler_graph(files, PROMPT, seed=seed, length=length, folder="streams", clip=clip, **{**SMALL, **sampler})
 
 
 def _latents(server, entry, prefix="streams/") -> dict:
