@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import logging
 import sys
 import threading
 from pathlib import Path
@@ -22,10 +23,12 @@ import torch
 from safetensors.torch import save_file
 
 from . import options
+from . import preflight as pf
 from .bench import add_speed_arguments, check_speed_arguments
-from .checkpoints import check_dit_file, load_dit
+from .checkpoints import load_dit
 from .errors import CheckpointError, SelfForcingError
-from .io import DTYPES, atomic_path, check_writable, compute_dtype
+from .io import DTYPES, atomic_path, compute_dtype
+from .paths import check_paths
 from .weights import peek_keys
 from .pipeline import Timings, decode_stream
 from .latents import TIME_STRIDE, denormalize, latent_frames_for, latent_size_for, video_frames_at_least, video_frames_for
@@ -39,6 +42,7 @@ from .video import VideoWriter, iter_video, probe_video, read_image, write_frame
 from .wan.forward import WanBackbone
 from .wan.fp8 import quantize_linears
 
+logger = logging.getLogger(__name__)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -90,6 +94,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--frames-dir", default=None, help="also write each chunk's frames as PNG as soon as they exist")
     p.add_argument("--latents-out", default=None,
                    help="also save the latents (un-normalised, ComfyUI .latent layout: key 'latent_tensor')")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs (refused otherwise)")
 
 
 def _video_frames(args) -> int:
@@ -99,46 +104,72 @@ def _video_frames(args) -> int:
 
 
 def preflight(args) -> dict:
-    """All checks that need no heavy work. Returns the plan (sizes, timeline texts)."""
-    check_writable(args.output)
+    """All checks that need no heavy work (values, paths, what each file is, memory), before any file is
+    created. Returns the plan (sizes, timeline texts, device)."""
+    device = pf.check_device(args.device)
+    pf.check_device(args.text_device, "--text-device")
+    pf.check_attention(args.attn, device)
+    pf.positive("--fps", args.fps)
+    pf.positive("--shift", args.shift)
+    if args.seconds is not None:
+        pf.positive("--seconds", args.seconds)
     if not str(args.output).lower().endswith(".mp4"):
         raise SelfForcingError(f"output {args.output} should end in .mp4")
-    if args.frames_dir:
-        Path(args.frames_dir).mkdir(parents=True, exist_ok=True)
-    if args.latents_out:
-        check_writable(args.latents_out)
+    if args.interactive and args.timeline_out is None:
+        args.timeline_out = str(Path(args.output).with_suffix(".timeline.txt"))
+    decoder_path = args.vae if args.decoder == "wan" else args.taehv
+    if decoder_path is None:
+        raise SelfForcingError(f"--decoder {args.decoder} needs --{'vae' if args.decoder == 'wan' else 'taehv'} PATH")
+    check_paths(
+        {"--model": args.model, "--text-encoder": args.text_encoder, "--tokenizer": args.tokenizer,
+         "--vae": args.vae, "--taehv": args.taehv, "--timeline-file": args.timeline_file, "--image": args.image,
+         "--input-video": args.input_video},
+        {"--output": args.output, "--latents-out": args.latents_out, "--timeline-out": args.timeline_out},
+        folders={"--frames-dir": args.frames_dir}, overwrite=args.overwrite,
+    )
+    if args.frames_dir and not args.overwrite and any(Path(args.frames_dir).glob("frame_*.png")):
+        raise SelfForcingError(f"--frames-dir {args.frames_dir} already holds frames; pass --overwrite to replace "
+                               "them, or choose an empty folder")
     video = _check_input_video(args)
     h, w = latent_size_for(args.height, args.width)
     latent_frames = latent_frames_for(_video_frames(args))
     if args.image is not None and latent_frames < 2:
         raise SelfForcingError("image-to-video needs at least 5 frames (the image is the first)")
     settings = options.stream_settings(args, switch=args.switch, start_step=args.start_step)
-    if args.interactive and args.timeline_out is None:
-        args.timeline_out = str(Path(args.output).with_suffix(".timeline.txt"))
-    if args.timeline_out:
-        check_writable(args.timeline_out)
-    text = Path(args.timeline_file).read_text() if args.timeline_file else args.prompt
+    text = pf.read_text_file(args.timeline_file, "--timeline-file") if args.timeline_file else args.prompt
     timeline = parse_timeline(text, args.fps, args.frames_per_chunk)
+    chunks = -(-latent_frames // args.frames_per_chunk)
+    for start, prompt in timeline:
+        if start >= chunks:
+            logger.warning("timeline prompt %r starts at chunk %d, after the end of this video (%d chunks): it is not "
+                           "used; make the video longer or start it earlier", prompt[:60], start, chunks)
 
     check_speed_arguments(args)
-    check_dit_file(args.model)
-    decoder_path = args.vae if args.decoder == "wan" else args.taehv
-    if decoder_path is None:
-        raise SelfForcingError(f"--decoder {args.decoder} needs --{'vae' if args.decoder == 'wan' else 'taehv'} PATH")
+    config = pf.dit_config(args.model)
     kind = detect_decoder_kind(peek_keys(decoder_path))
     if kind != args.decoder:
         what = {"wan": "a Wan2.1 VAE", "taehv": "a TAEHV tiny decoder", None: "not a video decoder"}[kind]
         raise CheckpointError(f"{decoder_path}: expected {'a Wan2.1 VAE' if args.decoder == 'wan' else 'TAEHV'} "
                               f"for --decoder {args.decoder}, but the file is {what}")
     encoder_path = _check_encoder(args)
-    inspect_text_encoder(args.text_encoder)
+    te = inspect_text_encoder(args.text_encoder)
+    if te.config.dim != config.text_dim:
+        raise SelfForcingError(f"{args.text_encoder} gives {te.config.dim}-wide text embeddings but {args.model} "
+                               f"reads {config.text_dim}-wide ones; use the text encoder made for this model (UMT5-XXL)")
     if args.tokenizer is None and read_embedded_tokenizer(args.text_encoder) is None:
         raise SelfForcingError(
             f"{args.text_encoder} carries no tokenizer (no 'spiece_model' tensor); pass --tokenizer with the "
             "sentencepiece model or the tokenizer folder that came with it"
         )
+    dtype = compute_dtype(args.dtype, device)
+    plan = pf.memory_plan(config, h, w, args.frames_per_chunk, dtype, settings.cache_bytes(config, h, w, latent_frames,
+                          dtype=dtype), extra=Path(decoder_path).stat().st_size)
+    what = (f"{video_frames_for(latent_frames)} frames at {args.width}x{args.height} "
+            + (f"with a window of {settings.window}" if settings.window else "without a window (the whole video cached)"))
+    pf.check_memory(plan, device, what, "set a window (--window 12 --sink 3) to keep memory flat in length, "
+                    "or use fewer frames or a smaller size")
     return {"latent": (h, w), "latent_frames": latent_frames, "settings": settings, "timeline": timeline,
-            "encoder": encoder_path, "video": video}
+            "encoder": encoder_path, "video": video, "device": device}
 
 
 def _check_input_video(args) -> dict | None:
@@ -228,7 +259,7 @@ def _read_stdin(inbox: PromptInbox, log) -> None:
 
 def run(args, log=print) -> dict:
     plan = preflight(args)
-    device = torch.device(args.device)
+    device = plan["device"]
     dtype = compute_dtype(args.dtype, device)
     timeline, te = encode_timeline(args, plan["timeline"], keep=args.interactive)
 
@@ -296,5 +327,15 @@ def run(args, log=print) -> dict:
 
 
 def main(args) -> int:
-    run(args)
+    """The command: SIGINT / SIGTERM stop it with the partial video removed (exit 128 + signal)."""
+    from .signals import Interrupted, StopSignals
+
+    with StopSignals():
+        try:
+            run(args)
+        except Interrupted as e:
+            kept = f"; frames already in {args.frames_dir} are kept" if args.frames_dir else ""
+            print(f"stopped by {e.name}: {args.output} was not written (its partial file was removed){kept}",
+                  file=sys.stderr)
+            return e.exit_code
     return 0

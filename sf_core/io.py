@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
 from pathlib import Path
 from typing import Iterator
 
 import torch
 
+from .paths import create_partial, publish_partial
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # command-line names
 
 
@@ -33,16 +33,15 @@ def _writable_parent(target: Path) -> Path:
 def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to `target`; on success rename it over `target`, else delete it.
 
-    The parent folder must exist (a clear error otherwise): nothing half-written is ever left.
+    The parent folder must exist (a clear error otherwise): nothing half-written is ever left under the
+    target's name (see `paths` for the partial file's name and its cleanup).
     """
     target = Path(target)
     parent = _writable_parent(target)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial" + target.suffix, dir=parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    tmp_path = create_partial(target)  # mode 0o666 & ~umask, like any new file
     try:
         yield tmp_path
-        os.replace(tmp_path, target)
+        publish_partial(tmp_path, target)
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise

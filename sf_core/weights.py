@@ -157,11 +157,24 @@ def _load_pickle(path: Path, device: str | torch.device = "cpu") -> dict:
     try:
         obj = torch.load(str(path), map_location=device, weights_only=True, mmap=zipfile.is_zipfile(path))
     except Exception as e:  # torch raises many types for corrupt pickles
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {e}); "
-                              "the file may be truncated or not a weights file") from e
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({load_error_reason(e)}); the file may "
+                              "be truncated, or not a weights file (only plain tensors are read from .pt files, for "
+                              "safety)") from e
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: holds a {type(obj).__name__}, expected a dict of tensors")
     return obj
+
+
+def load_error_reason(e: Exception) -> str:
+    """torch.load's error as one short line: for its refusals only the reason (e.g. "Unsupported global:
+    GLOBAL datetime.datetime"), never its advice to load with weights_only=False, which would run arbitrary
+    code from an unknown file."""
+    text = str(e)
+    if "WeightsUnpickler error:" in text:
+        m = re.search(r"\S.*", text.split("WeightsUnpickler error:", 1)[1])
+        text = re.split(r"(?<=\.) |\. Please", m.group(0))[0].rstrip(".") if m else "not plain tensors"
+    line = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
+    return f"{type(e).__name__}: {line}" if line else type(e).__name__
 
 
 def _load_safetensors(path: Path, device: str | torch.device = "cpu") -> dict:

@@ -92,8 +92,8 @@ def test_wrong_files_fail_before_heavy_work(files, tmp_path, monkeypatch, swap, 
 def test_unwritable_output_fails_first(files, tmp_path, monkeypatch):
     import sf_core.generate as gen
 
-    monkeypatch.setattr(gen, "check_dit_file", lambda *a: pytest.fail("read model files before checking the output"))
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    monkeypatch.setattr(gen.pf, "dit_config", lambda *a: pytest.fail("read model files before checking the output"))
+    with pytest.raises(SelfForcingError, match="does not exist"):
         gen.run(build_parser().parse_args(_args(files, tmp_path / "missing" / "o.mp4")))
     with pytest.raises(ValueError, match="not divisible by 16"):
         gen.run(build_parser().parse_args(_args(files, tmp_path / "o.mp4", "--width", "70")))

@@ -89,5 +89,5 @@ def test_rank_zero_and_missing_output_folder(files, tmp_path):
 
     with pytest.raises(SelfForcingError, match="rank must be at least 1"):
         run(build_parser().parse_args(_argv(files, tmp_path / "l.safetensors", "--rank", "0")))
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(SelfForcingError, match="does not exist"):
         run(build_parser().parse_args(_argv(files, tmp_path / "nope" / "l.safetensors")))

@@ -17,6 +17,7 @@ EOS (id 1); a prompt longer than the length keeps its first L-1 pieces and EOS a
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Callable, Sequence, Union
@@ -73,7 +74,12 @@ class Tokenizer:
         ids = torch.full((len(prompts), length), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(prompts), length), dtype=torch.bool)
         for row, text in enumerate(prompts):
-            pieces = self.encode(text)[: length - 1] + [self.eos_id]
+            pieces = self.encode(text)
+            if len(pieces) > length - 1:
+                logging.getLogger("sf_core.text").warning(
+                    "prompt %r... is %d tokens long; only the first %d are read (the text encoder takes %d with "
+                    "its end token): shorten it", text[:40], len(pieces), length - 1, length)
+            pieces = pieces[: length - 1] + [self.eos_id]
             ids[row, : len(pieces)] = torch.tensor(pieces, dtype=torch.long)
             mask[row, : len(pieces)] = True
         return ids, mask

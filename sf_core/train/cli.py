@@ -10,16 +10,23 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import signal
+import sys
 from pathlib import Path
 
 import torch
 
-from ..checkpoints import check_dit_file, load_dit
+from ..checkpoints import load_dit
 from ..errors import SelfForcingError
-from ..io import DTYPES, check_writable, compute_dtype
+from .. import preflight as pf
+from ..io import DTYPES, compute_dtype
+from ..paths import check_paths
+from ..signals import StopSignals
+from ..stream import StreamSettings
 from ..latents import latent_frames_for, latent_size_for
 from ..text import inspect_text_encoder, load_text_encoder
 from .session import run_session
+from .state import check_state, read_state
 from .trainer import TrainSettings, Trainer
 
 # The negative prompt Wan2.1 and the Self Forcing recipe use for the teacher's unconditional branch.
@@ -40,6 +47,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", "-o", required=True, help="LoRA .safetensors (ComfyUI layout)")
     p.add_argument("--checkpoint", default=None, help="trainer checkpoint (default: OUTPUT with .ckpt.pt)")
     p.add_argument("--resume", action="store_true", help="continue from --checkpoint")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing OUTPUT and start afresh over an existing --checkpoint")
     p.add_argument("--iterations", type=int, default=600)
     p.add_argument("--rank", type=int, default=32)
     p.add_argument("--alpha", type=float, default=None)
@@ -74,33 +83,65 @@ def settings_from(args) -> TrainSettings:
 
 
 def read_prompts(path) -> list[str]:
-    path = Path(path)
-    if not path.is_file():
-        raise SelfForcingError(f"prompts file {path} does not exist")
-    prompts = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    text = pf.read_text_file(path, "prompts file")
+    prompts = [ln.strip() for ln in text.splitlines() if ln.strip()]
     if not prompts:
         raise SelfForcingError(f"{path} holds no prompts; write one prompt per line")
     return prompts
 
 
 def preflight(args) -> tuple[TrainSettings, list[str], Path]:
+    """Every check before heavy work: values, devices, paths (inputs never outputs, no silent replacing),
+    what each file is, the resume checkpoint against this run, a lower bound of the memory needed."""
+    device = pf.check_device(args.device)
+    pf.positive("--lr", args.lr)
+    pf.positive("--critic-lr", args.critic_lr)
+    pf.finite("--guidance", args.guidance)
+    if args.alpha is not None:
+        pf.positive("--alpha", args.alpha)
+    pf.at_least("--save-every", args.save_every, 1)
     settings = settings_from(args)
     if not str(args.output).endswith(".safetensors"):
         raise SelfForcingError(f"output {args.output} should end in .safetensors (ComfyUI's LoRA format)")
-    check_writable(args.output)
     checkpoint = Path(args.checkpoint) if args.checkpoint else Path(str(args.output)[: -len(".safetensors")] + ".ckpt.pt")
-    check_writable(checkpoint)
     if args.resume and not checkpoint.is_file():
         raise SelfForcingError(f"--resume: no checkpoint at {checkpoint}")
+    check_paths({"--model": args.model, "--teacher": args.teacher, "--text-encoder": args.text_encoder,
+                 "--tokenizer": args.tokenizer, "--prompts": args.prompts},
+                {"--output": args.output, "--checkpoint": checkpoint}, overwrite=args.overwrite,
+                replaceable=("--output", "--checkpoint") if args.resume or checkpoint.exists() else ("--checkpoint",))
+    if checkpoint.exists() and not (args.resume or args.overwrite):
+        raise SelfForcingError(f"a training checkpoint already exists at {checkpoint}; pass --resume to continue "
+                               "it, or --overwrite to start afresh and replace it")
     prompts = read_prompts(args.prompts)
-    check_dit_file(args.model)
-    check_dit_file(args.teacher)
-    if not inspect_text_encoder(args.text_encoder).has_tokenizer and args.tokenizer is None:
+    gcfg, tcfg = pf.dit_config(args.model), pf.dit_config(args.teacher)
+    if (gcfg.in_dim, gcfg.out_dim, gcfg.text_dim) != (tcfg.in_dim, tcfg.out_dim, tcfg.text_dim):
+        raise SelfForcingError(
+            f"the teacher works on {tcfg.in_dim}-channel latents and {tcfg.text_dim}-wide text, the generator on "
+            f"{gcfg.in_dim} and {gcfg.text_dim}; use a teacher from the same family (Wan2.1 T2V)"
+        )
+    gcfg.tokens_per_frame(settings.latent_height, settings.latent_width)
+    te = inspect_text_encoder(args.text_encoder)
+    if not te.has_tokenizer and args.tokenizer is None:
         raise SelfForcingError(f"{args.text_encoder} carries no tokenizer; pass --tokenizer")
+    if te.config.dim != gcfg.text_dim:
+        raise SelfForcingError(f"{args.text_encoder} gives {te.config.dim}-wide text embeddings but {args.model} "
+                               f"reads {gcfg.text_dim}-wide ones; use the text encoder made for this model (UMT5-XXL)")
+    if args.resume:
+        check_state(read_state(checkpoint), settings, gcfg, tcfg, checkpoint)
+    dtype = compute_dtype(args.dtype, device)
+    cache = StreamSettings(frames_per_chunk=settings.frames_per_chunk).cache_bytes(
+        gcfg, settings.latent_height, settings.latent_width, settings.latent_frames, batch=settings.batch, dtype=dtype)
+    plan = pf.memory_plan(gcfg, settings.latent_height, settings.latent_width, settings.frames_per_chunk, dtype, cache,
+                          batch=settings.batch, models=2)
+    pf.check_memory(plan, device, "training (at least)", "use fewer --frames, a smaller size or a smaller --batch")
     return settings, prompts, checkpoint
 
 
 def run(args, log=print) -> dict:
+    """Train; returns {history, output, checkpoint, stopped}. A SIGINT / SIGTERM during training stops it at
+    the end of the current iteration with a checkpoint saved (`stopped` names the signal, no LoRA is
+    written); during loading, it stops at once (nothing written)."""
     settings, prompts, checkpoint = preflight(args)
     device = torch.device(args.device)
     dtype = compute_dtype(args.dtype, device)
@@ -111,18 +152,33 @@ def run(args, log=print) -> dict:
     generator, _ = load_dit(args.model, device=device, dtype=dtype)
     teacher, _ = load_dit(args.teacher, device=device, dtype=dtype)
     trainer = Trainer(generator, teacher, embeds, negative, settings, dtype=dtype)
-    try:
-        result = run_session(trainer, checkpoint, args.output, resume=args.resume, metadata={"prompts": str(len(prompts))},
-                             on_step=lambda info: log(json.dumps(_fmt(info))), log=log)
-    finally:
-        trainer.close()
+    with StopSignals(defer=True) as stop:  # a signal stops training at the end of the iteration
+        try:
+            result = run_session(trainer, checkpoint, args.output, resume=args.resume,
+                                 metadata={"prompts": str(len(prompts))}, on_step=lambda info: log(progress_line(info)),
+                                 should_stop=lambda: stop.requested, interrupts=(), log=log)
+        finally:
+            trainer.close()
     return {"history": result.history, "output": str(args.output), "checkpoint": str(checkpoint),
-            "finished": result.finished}
+            "finished": result.finished, "iteration": result.iteration, "stopped": stop.name}
 
 
-def _fmt(info: dict) -> dict:
-    return {k: round(v, 6) if isinstance(v, float) else v for k, v in info.items()}
+def progress_line(info: dict) -> str:
+    """One JSON line per iteration; losses in scientific notation (small losses stay visible)."""
+    parts = []
+    for k, v in info.items():
+        if isinstance(v, float):
+            v = f"{v:.4e}" if "loss" in k else f"{v:.3f}"
+        parts.append(f"{json.dumps(k)}: {v}")
+    return "{" + ", ".join(parts) + "}"
 
 
 def main(args) -> int:
-    return 0 if run(args)["finished"] else 130  # interrupted: the checkpoint is kept, continue with --resume
+    with StopSignals():  # while loading: stop at once, nothing written
+        result = run(args)
+    if not result["finished"]:
+        sig = signal.Signals[result["stopped"] or "SIGINT"]
+        print(f"stopped by {sig.name} at iteration {result['iteration']}/{args.iterations}: checkpoint "
+              f"{result['checkpoint']} saved; run the same command with --resume to continue", file=sys.stderr)
+        return 128 + sig.value
+    return 0

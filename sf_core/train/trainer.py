@@ -280,7 +280,9 @@ class Trainer:
     def resume(self, path: str | Path) -> None:
         """Continue from a checkpoint (the learning rates of these settings apply from here on)."""
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)  # optimizers move their state
+            from .state import read_state
+
+            state = read_state(path)  # CPU tensors only; the optimizers move their state
             self.load_state_dict(state)
         except SelfForcingError as e:
             raise SelfForcingError(f"cannot resume from {path}: {e}") from e
