@@ -15,8 +15,10 @@ from comfy_api.latest import io
 from ..sf_core.errors import SelfForcingError
 from ..sf_core.latents import TIME_STRIDE, latent_frames_for, latent_size_for
 from ..sf_core.train.cli import WAN_NEGATIVE_PROMPT
+from ..sf_core.paths import check_paths
 from ..sf_core.train.plot import loss_curve
 from ..sf_core.train.session import run_session
+from ..sf_core.train.state import check_state, read_state
 from ..sf_core.train.trainer import TrainSettings, Trainer
 from . import bridge
 from .common import CATEGORY, size_inputs
@@ -53,6 +55,8 @@ class TrainLoRA(io.ComfyNode):
                 io.Boolean.Input("gradient_checkpointing", default=True, tooltip="Recompute activations in backward: much less memory, about 30% slower."),
                 io.Boolean.Input("resume", default=True, tooltip="Continue from this LoRA's saved training checkpoint if one exists."),
                 io.Int.Input("save_every", default=50, min=1, max=100000, tooltip="Write a resumable training checkpoint every N iterations (to output/self_forcing_training)."),
+                io.Boolean.Input("overwrite", default=False, optional=True,
+                                 tooltip="Start afresh over this name's existing checkpoint and replace an existing LoRA of the same name (refused otherwise)."),
             ],
             outputs=[io.Model.Output(display_name="MODEL"), io.Image.Output(display_name="loss")],
             hidden=[io.Hidden.unique_id],
@@ -77,7 +81,7 @@ class TrainLoRA(io.ComfyNode):
     @classmethod
     def execute(cls, model, teacher, clip, prompts, negative_prompt, lora_name, iterations, rank, learning_rate,
                 critic_learning_rate, critic_ratio, guidance, width, height, length, frames_per_chunk, seed,
-                gradient_checkpointing, resume, save_every) -> io.NodeOutput:
+                gradient_checkpointing, resume, save_every, overwrite=False) -> io.NodeOutput:
         lines = [ln.strip() for ln in prompts.splitlines() if ln.strip()]
         if not lines:
             raise SelfForcingError("no prompts to train on: write one prompt per line")
@@ -93,9 +97,13 @@ class TrainLoRA(io.ComfyNode):
         ckpt_dir = Path(folder_paths.get_output_directory()) / "self_forcing_training"
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         checkpoint = ckpt_dir / f"{name}.ckpt.pt"
-
+        resuming = resume and checkpoint.is_file() and not overwrite
         _, cfg = bridge.wan_dit(model)
-        bridge.wan_dit(teacher)
+        _, teacher_cfg = bridge.wan_dit(teacher)
+        check_outputs(lora_path, checkpoint, resume=resuming, overwrite=overwrite)
+        state = read_state(checkpoint) if resuming else None
+        if state is not None:
+            check_state(state, settings, cfg, teacher_cfg, checkpoint.name)
         texts = torch.cat([bridge.text_from_conditioning(_encode(clip, p), cfg.text_dim, cfg.text_len) for p in lines])
         negative = bridge.text_from_conditioning(_encode(clip, negative_prompt), cfg.text_dim, cfg.text_len)
         with torch.inference_mode(False), torch.enable_grad():
@@ -109,13 +117,13 @@ class TrainLoRA(io.ComfyNode):
             def on_step(info):
                 seen.append(info)
                 gl = next((h["generator_loss"] for h in reversed(seen) if "generator_loss" in h), None)
-                live.status(f"iteration {info['iteration']}/{iterations} · critic {info['critic_loss']:.4f}"
-                            + (f" · generator {gl:.3g}" if gl is not None else "") + f" · {info['seconds']:.1f} s/it")
+                live.status(f"iteration {info['iteration']}/{iterations} · critic {info['critic_loss']:.3e}"
+                            + (f" · generator {gl:.3e}" if gl is not None else "") + f" · {info['seconds']:.1f} s/it")
                 live.bar.update_absolute(info["iteration"], iterations)  # raises when cancelled
 
             seen: list[dict] = []
             try:
-                result = run_session(trainer, checkpoint, lora_path, resume=resume, metadata={"base": "self-forcing"},
+                result = run_session(trainer, checkpoint, lora_path, resume=resuming, metadata={"base": "self-forcing"},
                                      on_step=on_step, should_stop=mm.processing_interrupted,
                                      interrupts=(mm.InterruptProcessingException,), log=live.status)
                 if not result.finished:  # the checkpoint keeps what was learned: resume later
@@ -126,6 +134,23 @@ class TrainLoRA(io.ComfyNode):
         patched, _ = comfy.sd.load_lora_for_models(model, None, weights, 1.0, 0)
         curve = torch.from_numpy(loss_curve(result.history)).float()[None] / 255.0
         return io.NodeOutput(patched, curve)
+
+
+def check_outputs(lora_path: Path, checkpoint: Path, *, resume: bool, overwrite: bool) -> None:
+    """The CLI's rules for the LoRA and its checkpoint: a run never silently replaces another run's
+    checkpoint, nor a LoRA it did not make; both places are proven writable before any model loads."""
+    if checkpoint.exists() and not (resume or overwrite):
+        raise SelfForcingError(
+            f"a training checkpoint for {lora_path.stem!r} already exists ({checkpoint}); turn resume on to continue "
+            "it, turn overwrite on to start afresh, or choose another lora_name"
+        )
+    ours = resume or checkpoint.exists()  # the LoRA of the run being continued may be replaced
+    if lora_path.exists() and not (ours or overwrite):
+        raise SelfForcingError(
+            f"{lora_path.name} already exists in {lora_path.parent} and no training checkpoint made it; choose "
+            "another lora_name, or turn overwrite on to replace it"
+        )
+    check_paths({}, {"lora_name": lora_path, "checkpoint": checkpoint}, overwrite=True)
 
 
 def _encode(clip, text: str):

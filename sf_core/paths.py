@@ -116,6 +116,19 @@ def clean_stale_partials(target: PathLike) -> list[Path]:
     return removed
 
 
+def clean_stale_partials_in(folder: PathLike) -> None:
+    """Remove every stale partial file in an output folder (e.g. frames of a killed run)."""
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return
+    for name in names:
+        if name.startswith(".") and ".partial." in name:
+            target = Path(folder) / name[1:].split(".partial.")[0].rsplit(".", 1)[0]
+            if Path(folder) / name in stale_partials(target):
+                (Path(folder) / name).unlink(missing_ok=True)
+
+
 def same_file(a: PathLike, b: PathLike) -> bool:
     """True when a and b name the same file: same inode if both exist, else the same resolved path."""
     a, b = Path(a), Path(b)
@@ -201,3 +214,5 @@ def check_paths(
             raise SelfForcingError(f"{name} {out} already exists; pass --overwrite to replace it, or choose another name")
     for out in outs.values():
         clean_stale_partials(out)
+    for folder in dirs.values():
+        clean_stale_partials_in(folder)

@@ -315,6 +315,16 @@ def test_training_node_saves_a_checkpoint_when_cancelled(comfy):
     texts = [m.text for m in ws.progress_texts("4")]
     assert any("critic" in t for t in texts)  # the loss is shown on the node
 
+    # the CLI's rules: no silent fresh start over that checkpoint, no resume with other settings
+    from comfy_server import ComfyServerError
+
+    with pytest.raises(ComfyServerError, match="already exists.*turn resume on"):
+        server.wait(server.queue(graph), timeout=120)
+    graph["4"]["inputs"].update(resume=True, rank=8)
+    with pytest.raises(ComfyServerError, match="rank=4"):
+        server.wait(server.queue(graph), timeout=120)
+    assert torch.load(ckpt, weights_only=True)["iteration"] == state["iteration"]  # left as it was
+
 
 def test_fp8_weights_and_requeue_caching(comfy):
     server, files = comfy

@@ -113,9 +113,14 @@ def test_outputs_honour_the_umask_and_stale_partials_are_cleaned(d, tmp_path):
     stale.write_bytes(b"left by a killed run")
     live = tmp_path / f".v.mp4.{os.getppid()}-0a1b2c3d.partial.mp4"  # a running process's: not touched
     live.write_bytes(b"being written")
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    stale_frame = frames / f".frame_000003.png.{_dead_pid()}-0a1b2c3d.partial.png"
+    stale_frame.write_bytes(b"")
     old = os.umask(0o027)
     try:
-        assert main(_generate(d, out, "--frames", "5", "--latents-out", str(tmp_path / "v.latent"))) == 0
+        assert main(_generate(d, out, "--frames", "5", "--latents-out", str(tmp_path / "v.latent"),
+                              "--frames-dir", str(frames))) == 0
         assert main(["convert", str(d / "wan.safetensors"), str(tmp_path / "c.safetensors")]) == 0
         (tmp_path / "c2.safetensors").write_bytes(b"")
         os.chmod(tmp_path / "c2.safetensors", 0o600)
@@ -124,7 +129,9 @@ def test_outputs_honour_the_umask_and_stale_partials_are_cleaned(d, tmp_path):
         os.umask(old)
     for name in ("v.mp4", "v.latent", "c.safetensors", "c2.safetensors"):
         assert (tmp_path / name).stat().st_mode & 0o777 == 0o640, name
-    assert not stale.exists() and live.exists()
+    assert not stale.exists() and live.exists() and not stale_frame.exists()
+    assert sorted(p.name for p in frames.iterdir()) == [f"frame_{i:06d}.png" for i in range(5)]
+    assert all(p.stat().st_mode & 0o777 == 0o640 for p in frames.iterdir())
 
 
 def test_train_files_honour_the_umask(d, tmp_path):
