@@ -73,7 +73,7 @@ def check_state(state: dict, settings, generator: WanConfig | None = None, teach
         if _norm(state["settings"].get(key)) != _norm(mine[key]):
             raise SelfForcingError(
                 f"cannot resume from {path}: it was trained with {key}={state['settings'].get(key)}, this run has "
-                f"{mine[key]}; resume with the same settings, or start afresh (--overwrite / remove the checkpoint)"
+                f"{mine[key]}; resume with the same settings, or start afresh (overwrite, or remove the checkpoint)"
             )
     for name, config in (("gen_lora", generator), ("critic_lora", teacher)):
         if config is None:

@@ -255,13 +255,9 @@ class Trainer:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        mine = dataclasses.asdict(self.settings)
-        for key in ("rank", "alpha", "latent_frames", "latent_height", "latent_width", "frames_per_chunk", "batch"):
-            if _norm(state["settings"].get(key)) != _norm(mine[key]):
-                raise SelfForcingError(
-                    f"checkpoint was trained with {key}={state['settings'].get(key)}, this run has {mine[key]}; "
-                    "resume with the same settings, or start afresh (turn resume off / remove the checkpoint)"
-                )
+        from .state import check_state
+
+        check_state(state, self.settings, path="this checkpoint")
         self.gen_lora.load_state_dict(state["gen_lora"])
         self.critic_lora.load_state_dict(state["critic_lora"])
         self.gen_opt.load_state_dict(state["gen_opt"])
@@ -279,13 +275,11 @@ class Trainer:
 
     def resume(self, path: str | Path) -> None:
         """Continue from a checkpoint (the learning rates of these settings apply from here on)."""
-        try:
-            from .state import read_state
+        from .state import check_state, read_state
 
-            state = read_state(path)  # CPU tensors only; the optimizers move their state
-            self.load_state_dict(state)
-        except SelfForcingError as e:
-            raise SelfForcingError(f"cannot resume from {path}: {e}") from e
+        state = read_state(path)  # CPU tensors only; the optimizers move their state
+        check_state(state, self.settings, path=path)
+        self.load_state_dict(state)
         for opt, lr in ((self.gen_opt, self.settings.lr), (self.critic_opt, self.settings.critic_lr)):
             for group in opt.param_groups:
                 group["lr"] = lr
@@ -294,10 +288,6 @@ class Trainer:
         """Take the LoRAs off: the handed-in models are as they were found."""
         self.gen_lora.remove()
         self.critic_lora.remove()
-
-
-def _norm(v):
-    return list(v) if isinstance(v, tuple) else v
 
 
 @torch.no_grad()
