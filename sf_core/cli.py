@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+import tempfile
+import time
+import traceback
 
 import torch
 from safetensors.torch import save_file
@@ -14,6 +18,7 @@ from .checkpoints import dequantize_fp8, inspect, load_dit_checkpoint
 from .errors import SelfForcingError
 from .io import atomic_path
 from .paths import check_paths
+from .signals import Interrupted
 from .train import cli as train_cli
 from .weights import SAFETENSORS_SUFFIXES
 
@@ -71,8 +76,6 @@ USER_ERRORS = (SelfForcingError, OSError)  # bad input or a file-system refusal:
 def main(argv: list[str] | None = None) -> int:
     """Run one command; returns the exit status: 0 done, 2 bad input (one line on stderr), 128 + N stopped
     by signal N, 1 an unexpected failure (one line, and the traceback written to a file)."""
-    from .signals import Interrupted
-
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -106,11 +109,6 @@ def _one_line(e: BaseException) -> str:
 
 
 def _write_traceback(e: BaseException) -> str:
-    import os
-    import tempfile
-    import time
-    import traceback
-
     path = os.path.join(tempfile.gettempdir(), f"sf_core-error-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.txt")
     try:
         with open(path, "w") as f:

@@ -29,6 +29,7 @@ from .checkpoints import load_dit
 from .errors import CheckpointError, SelfForcingError
 from .io import DTYPES, atomic_path, compute_dtype
 from .paths import check_paths
+from .signals import Interrupted, StopSignals
 from .weights import peek_keys
 from .pipeline import Timings, decode_stream
 from .latents import TIME_STRIDE, denormalize, latent_frames_for, latent_size_for, video_frames_at_least, video_frames_for
@@ -328,8 +329,6 @@ def run(args, log=print) -> dict:
 
 def main(args) -> int:
     """The command: SIGINT / SIGTERM stop it with the partial video removed (exit 128 + signal)."""
-    from .signals import Interrupted, StopSignals
-
     with StopSignals():
         try:
             run(args)

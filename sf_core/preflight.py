@@ -12,8 +12,11 @@ from pathlib import Path
 
 import torch
 
+from .checkpoints import NESTED_PREFERENCE, normalize_keys
 from .config import WanConfig
 from .errors import CheckpointError, SelfForcingError
+from .wan.attention import resolve_backend
+from .weights import PICKLE_SUFFIXES, peek_keys, read_state_dict, unwrap
 
 GiB = 2**30
 
@@ -62,8 +65,6 @@ def check_device(name: str, what: str = "--device") -> torch.device:
 
 
 def check_attention(name: str, device: torch.device) -> str:
-    from .wan.attention import resolve_backend
-
     try:
         return resolve_backend(name, device)[0]
     except (ValueError, ImportError) as e:
@@ -90,9 +91,6 @@ def read_text_file(path: str | os.PathLike, what: str) -> str:
 def dit_config(path: str | os.PathLike) -> WanConfig:
     """The config of a DiT file (or diffusers folder) from its header / memory-mapped keys (no weights read).
     A folder holding several complete models is refused (which one was meant is unknown)."""
-    from .checkpoints import NESTED_PREFERENCE, normalize_keys
-    from .weights import PICKLE_SUFFIXES, peek_keys, read_state_dict, unwrap
-
     path = Path(path)
     if path.is_dir():
         sub = path / "transformer"
@@ -129,12 +127,7 @@ def available_memory(device: torch.device) -> int:
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
-    try:
-        import psutil
-
-        return int(psutil.virtual_memory().available)
-    except ImportError:
-        return 1 << 62  # unknown: do not refuse
+    return 1 << 62  # unknown here: do not refuse
 
 
 def memory_plan(config: WanConfig, latent_height: int, latent_width: int, frames_per_chunk: int, dtype: torch.dtype,

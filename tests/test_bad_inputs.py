@@ -13,7 +13,7 @@ import torch
 
 from sf_core.cli import main
 from sf_core.config import WanConfig
-from sf_core.testing import tiny_dit_state_dict, write_dit
+from fixtures.dit import tiny_dit_state_dict, write_dit
 
 CFG = WanConfig(dim=256, ffn_dim=512, num_heads=2, num_layers=2, text_dim=32, freq_dim=64)  # text width of the tiny UMT5
 BOUND_S = 5.0  # a check that reads headers only takes well under a second here; loading + running takes longer
@@ -22,8 +22,8 @@ BOUND_S = 5.0  # a check that reads headers only takes well under a second here;
 @pytest.fixture(scope="module")
 def d(tmp_path_factory):
     """Tiny valid files, foreign / damaged ones, and one real training checkpoint (rank 4)."""
-    from sf_core.text.testing import write_tiny_umt5
-    from sf_core.vae.testing import write_tiny_taehv, write_tiny_wan_vae
+    from fixtures.text import write_tiny_umt5
+    from fixtures.vae import write_tiny_taehv, write_tiny_wan_vae
 
     d = tmp_path_factory.mktemp("bad_inputs")
     write_dit(d / "sf.pt", tiny_dit_state_dict(CFG, 0), "official_pt")
@@ -96,7 +96,7 @@ CASES = [
     ("gen-device-cuda-99", lambda d, o: _set(G(d, o / "v.mp4"), "--device", "cuda:99"), "cuda"),
     ("gen-attn-foo", lambda d, o: G(d, o / "v.mp4") + ["--attn", "foo"], "attention backend 'foo'"),
     ("gen-shift-0", lambda d, o: G(d, o / "v.mp4") + ["--shift", "0"], "--shift must be"),
-    ("gen-steps-abc", lambda d, o: G(d, o / "v.mp4") + ["--steps", "abc"], "--steps"),
+    ("gen-steps-abc", lambda d, o: G(d, o / "v.mp4") + ["--steps", "abc"], "denoising steps must be numbers"),
     ("gen-steps-increasing", lambda d, o: G(d, o / "v.mp4") + ["--steps", "250,500"], "decrease"),
     ("gen-fps-nan", lambda d, o: G(d, o / "v.mp4") + ["--fps", "nan"], "--fps must be"),
     ("gen-fps-inf", lambda d, o: G(d, o / "v.mp4") + ["--fps", "inf"], "--fps must be"),

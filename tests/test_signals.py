@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from sf_core.cli import main
 from sf_core.config import WanConfig
-from sf_core.testing import tiny_dit_state_dict, write_dit
+from fixtures.dit import tiny_dit_state_dict, write_dit
 
 ROOT = Path(__file__).resolve().parents[1]
 CFG = WanConfig(dim=256, ffn_dim=512, num_heads=2, num_layers=2, text_dim=32, freq_dim=64)
@@ -25,8 +25,8 @@ pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 
 @pytest.fixture(scope="module")
 def d(tmp_path_factory):
-    from sf_core.text.testing import write_tiny_umt5
-    from sf_core.vae.testing import write_tiny_wan_vae
+    from fixtures.text import write_tiny_umt5
+    from fixtures.vae import write_tiny_wan_vae
 
     d = tmp_path_factory.mktemp("signals")
     write_dit(d / "sf.pt", tiny_dit_state_dict(CFG, 0), "official_pt")

@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import zipfile
 from pathlib import Path
 
 import torch
 
 from ..config import WanConfig
 from ..errors import CheckpointError, SelfForcingError
+from ..lora import LoRA
+from ..wan.modules import WanModel
+from ..weights import load_error_reason
 
 STATE_KEYS = ("iteration", "generator_steps", "gen_lora", "critic_lora", "ema", "gen_opt", "critic_opt", "rng",
               "settings")
@@ -24,10 +28,6 @@ FIXED_SETTINGS = ("rank", "alpha", "latent_frames", "latent_height", "latent_wid
 def read_state(path: str | os.PathLike) -> dict:
     """Open a training checkpoint (plain tensors only: weights_only). CheckpointError when it is missing,
     empty, truncated, foreign (e.g. a model or a LoRA file) or incomplete."""
-    import zipfile
-
-    from ..weights import load_error_reason
-
     path = Path(path)
     if path.is_dir():
         raise CheckpointError(f"training checkpoint {path} is a folder; give the .ckpt.pt file")
@@ -55,9 +55,6 @@ def read_state(path: str | os.PathLike) -> dict:
 
 def expected_lora_shapes(config: WanConfig, rank: int, alpha: float | None) -> dict[str, tuple[int, ...]]:
     """The state-dict shapes of the LoRA a trainer injects into a model of `config` (nothing allocated)."""
-    from ..lora import LoRA
-    from ..wan.modules import WanModel
-
     with torch.device("meta"):
         model = WanModel(config)
     lora = LoRA.create(model, rank, alpha, device="meta")

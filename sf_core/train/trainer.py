@@ -27,6 +27,7 @@ from ..schedule import SELF_FORCING_STEPS, FlowSchedule, frame_sigma
 from ..stream import Stream, StreamSettings
 from ..wan.forward import WanBackbone, infer_config
 from .losses import critic_loss, dmd_loss
+from .state import check_state, read_state
 
 
 @dataclass(frozen=True)
@@ -255,8 +256,6 @@ class Trainer:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        from .state import check_state
-
         check_state(state, self.settings, path="this checkpoint")
         self.gen_lora.load_state_dict(state["gen_lora"])
         self.critic_lora.load_state_dict(state["critic_lora"])
@@ -275,8 +274,6 @@ class Trainer:
 
     def resume(self, path: str | Path) -> None:
         """Continue from a checkpoint (the learning rates of these settings apply from here on)."""
-        from .state import check_state, read_state
-
         state = read_state(path)  # CPU tensors only; the optimizers move their state
         check_state(state, self.settings, path=path)
         self.load_state_dict(state)
