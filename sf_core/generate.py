@@ -164,11 +164,14 @@ def preflight(args) -> dict:
         )
     dtype = compute_dtype(args.dtype, device)
     plan = pf.memory_plan(config, h, w, args.frames_per_chunk, dtype, settings.cache_bytes(config, h, w, latent_frames,
-                          dtype=dtype), extra=Path(decoder_path).stat().st_size)
+                          dtype=dtype), extra=Path(decoder_path).stat().st_size
+                          + (16 * latent_frames * h * w * 4 if args.latents_out else 0))  # kept for --latents-out
     what = (f"{video_frames_for(latent_frames)} frames at {args.width}x{args.height} "
             + (f"with a window of {settings.window}" if settings.window else "without a window (the whole video cached)"))
-    pf.check_memory(plan, device, what, "set a window (--window 12 --sink 3) to keep memory flat in length, "
-                    "or use fewer frames or a smaller size")
+    fix = ("use fewer frames or a smaller size" + ("; --latents-out keeps every latent frame in memory"
+                                                   if args.latents_out else "") if settings.window else
+           "set a window (--window 12 --sink 3) to keep memory flat in length, or use fewer frames or a smaller size")
+    pf.check_memory(plan, device, what, fix)
     return {"latent": (h, w), "latent_frames": latent_frames, "settings": settings, "timeline": timeline,
             "encoder": encoder_path, "video": video, "device": device}
 

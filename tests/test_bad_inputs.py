@@ -106,6 +106,8 @@ CASES = [
      + ["--seconds=-2"], "--seconds must be"),
     ("gen-seconds-1e9", lambda d, o: [a for a in G(d, o / "v.mp4") if a not in ("--frames", "9")] + ["--seconds", "1e9"],
      "set a window"),
+    ("gen-latents-out-kept-for-1e9-seconds", lambda d, o: [a for a in G(d, o / "v.mp4") if a not in ("--frames", "9")]
+     + ["--seconds", "1e9", "--window", "6", "--latents-out", str(o / "v.latent")], "--latents-out keeps every latent"),
     ("gen-frames-400001-no-window", lambda d, o: _set(_set(_set(G(d, o / "v.mp4"), "--frames", "400001"), "--width", "832"),
                                                      "--height", "480"), "set a window"),
     ("gen-frames-not-1-plus-4k", lambda d, o: _set(G(d, o / "v.mp4"), "--frames", "10"), "1 + 4*k"),
