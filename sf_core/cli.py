@@ -18,7 +18,7 @@ from .checkpoints import dequantize_fp8, inspect, load_dit_checkpoint
 from .errors import SelfForcingError
 from .io import atomic_path
 from .paths import check_paths
-from .signals import Interrupted
+from .signals import Interrupted, StopSignals
 from .train import cli as train_cli
 from .weights import SAFETENSORS_SUFFIXES
 
@@ -83,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
         return e.code if isinstance(e.code, int) else 2
     _log_warnings()
     try:
-        return args.func(args)
+        with StopSignals():  # SIGTERM too ends the command through the normal clean-up (no partial file left)
+            return args.func(args)
     except USER_ERRORS as e:
         print(f"error: {_one_line(e)}", file=sys.stderr)
         return 2
