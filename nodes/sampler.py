@@ -21,7 +21,7 @@ from ..sf_core.pipeline import Background, decode_stream
 from ..sf_core.sources import EncodedVideo, frame_batches
 from ..sf_core.steering import PromptInbox
 from ..sf_core.stream import PromptSegment, PromptTimeline, Stream
-from ..sf_core.timeline import resolve
+from ..sf_core.timeline import format_timeline, resolve
 from ..sf_core.video import VideoWriter
 from . import bridge, steering
 from .common import (CATEGORY, Timeline, check_video_inputs, sampling_inputs, size_inputs, stream_inputs,
@@ -138,6 +138,11 @@ class StreamSampler(io.ComfyNode):
                     live.frames(i, shown, behind=lambda: steps.pending() > 0)
         finally:
             stream.close()
+        if any(sw.source == "live" for sw in stream.switches):
+            segments = [s if s.label else PromptSegment(s.start_chunk, s.text, "<the prompt connected to 'positive'>")
+                        for s in stream.replay_timeline().segments]
+            log.info("Self-Forcing node %s: live prompts applied; this Prompt Timeline (same seed and settings) "
+                     "replays the run:\n%s", cls.hidden.unique_id, format_timeline(segments))
         images = torch.cat(frames).float() / 255.0
         return io.NodeOutput(bridge.to_latent(torch.cat(latents, dim=2)), images, InputImpl.VideoFromFile(str(path)))
 

@@ -37,7 +37,7 @@ from .sources import EncodedVideo
 from .steering import PromptInbox
 from .stream import SWITCH_MODES, PromptSegment, PromptTimeline, Stream
 from .text import inspect_text_encoder, load_text_encoder, read_embedded_tokenizer
-from .timeline import parse_timeline
+from .timeline import format_timeline, parse_timeline
 from .vae import detect_decoder_kind, load_decoder, load_encoder
 from .video import VideoWriter, iter_video, probe_video, read_image, write_frames_png
 from .wan.forward import WanBackbone
@@ -241,11 +241,6 @@ def encode_timeline(args, timeline: list[tuple[int, str]], keep: bool = False):
     return PromptTimeline(segments), te
 
 
-def timeline_text(timeline: PromptTimeline) -> str:
-    """A timeline as text with chunk tags (what --timeline-file reads back)."""
-    return "".join(f"#{s.start_chunk}: {' '.join(s.label.split())}\n" for s in timeline.segments)
-
-
 def _read_stdin(inbox: PromptInbox, log) -> None:
     for line in sys.stdin:
         if not line.strip():
@@ -321,7 +316,7 @@ def run(args, log=print) -> dict:
         save_latents(args.latents_out, torch.cat(latents, dim=2))
     if args.timeline_out:
         with atomic_path(args.timeline_out) as tmp:
-            Path(tmp).write_text(timeline_text(stream.replay_timeline()))
+            Path(tmp).write_text(format_timeline(stream.replay_timeline().segments))
         log(f"timeline of the prompts applied: {args.timeline_out} (replay with --timeline-file and the same flags)")
     if stream.input_ended:
         log("the input video ended: the stream stopped with it")

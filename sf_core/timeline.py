@@ -127,3 +127,9 @@ def parse_timeline(text: str, fps: float = 16.0, frames_per_chunk: int = 3) -> l
     """Text -> [(start_chunk, prompt), ...] sorted by start."""
     entries = parse_entries(text)
     return sorted(zip(resolve(entries, fps, frames_per_chunk), (e.prompt for e in entries)))
+
+
+def format_timeline(segments) -> str:
+    """Timeline segments (anything with start_chunk and label, e.g. a PromptTimeline's) -> text with chunk tags,
+    one line each, that `parse_timeline` reads back to the same chunks and prompts."""
+    return "".join(f"#{s.start_chunk}: {' '.join(s.label.split())}\n" for s in segments)

@@ -114,7 +114,8 @@ def test_live_prompt_switches_at_the_next_chunk_and_equals_a_timeline(comfy):
     print(f"\nlive prompt: posted during chunk {k}, applied at chunk {k + 1} (1-based), "
           f"first preview under it {shown.t - posted_at:.2f} s after the post")
 
-    # the same switch, scripted: identical latents
+    # the run logs the timeline that replays it; scripted with that switch, the latents are identical
+    assert f"replays the run:\n#0: <the prompt connected to 'positive'>\n#{k}: {NEW}\n" in server.log_text()
     live = _latents(server, server.history(prompt_id))["6"]
     t = _graph(files, length=145, seed=5, clip=False)
     t["11"] = {"class_type": "SelfForcingPromptTimeline",

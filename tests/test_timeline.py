@@ -37,3 +37,13 @@ def test_keyframe_schedules_by_video_frame(text):
 def test_malformed_timelines_say_what_to_fix(text, words):
     with pytest.raises(SelfForcingError, match=words):
         parse_timeline(text)
+
+
+def test_format_timeline_reads_back():
+    from sf_core.stream import PromptSegment
+    from sf_core.timeline import format_timeline
+
+    segments = [PromptSegment(0, None, "a red fox\nin the snow"), PromptSegment(7, None, "a wolf  howls")]
+    text = format_timeline(segments)
+    assert text == "#0: a red fox in the snow\n#7: a wolf howls\n"
+    assert parse_timeline(text) == [(0, "a red fox in the snow"), (7, "a wolf howls")]
