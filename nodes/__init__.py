@@ -15,7 +15,9 @@ NODES = [LoadModel, LoadLoRA, PromptTimeline, StreamSampler, StreamingDecode, Be
 
 class SelfForcingExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        from .queue_checks import install
         from .steering import add_routes
 
         add_routes()  # live prompts for running samplers (POST /selfforcing/steer)
+        install()  # queue-time checks across inputs and nodes (this ComfyUI calls no on_load)
         return NODES

@@ -14,7 +14,7 @@ from ..sf_core.pipeline import Background, Timings, decode_stream
 from ..sf_core.stream import Stream
 from ..sf_core.timing import peak_memory, reset_peak
 from . import bridge
-from .common import CATEGORY, check_video_inputs, sampling_inputs, size_inputs, stream_settings
+from .common import CATEGORY, check_size, sampling_inputs, size_inputs, stream_settings
 
 
 class Benchmark(io.ComfyNode):
@@ -34,15 +34,16 @@ class Benchmark(io.ComfyNode):
                 *sampling_inputs(),
                 io.Int.Input("warmup_chunks", default=1, min=0, max=100, tooltip="Chunks run first and not timed."),
             ],
-            outputs=[io.String.Output(display_name="report")],
+            outputs=[io.String.Output(display_name="report", tooltip="The measurements as JSON: first-frame latency, FPS "
+                                      "with and without decoding, seconds per chunk, peak VRAM.")],
             hidden=[io.Hidden.unique_id],
             is_output_node=True,
             not_idempotent=True,
         )
 
     @classmethod
-    def validate_inputs(cls, width=None, height=None, **kw):
-        return check_video_inputs(width, height, None, **kw)
+    def validate_inputs(cls, width=None, height=None):
+        return check_size(width, height)
 
     @classmethod
     def fingerprint_inputs(cls, **kw):

@@ -3,6 +3,7 @@ VAE -> streaming decoder, LATENT <-> normalised latents, and live progress on a 
 
 from __future__ import annotations
 
+import sys
 import time
 
 import torch
@@ -115,6 +116,49 @@ def latent_preview(z: torch.Tensor, latent_format) -> torch.Tensor:
     bias = torch.tensor(latent_format.latent_rgb_factors_bias or [0, 0, 0], dtype=torch.float32, device=mu.device)
     rgb = torch.einsum("bcthw,cr->bthwr", mu, factors) + bias
     return ((rgb[0] + 1) * 127.5).clamp(0, 255).to(torch.uint8).cpu()
+
+
+PREVIEW_MODES = ("auto", "live", "latent", "off")
+
+
+def preview_mode(mode: str) -> str:
+    """The sampler's preview switch -> "live", "latent" or "off": auto is live unless ComfyUI was asked for no
+    previews (see `previews_refused`); the other modes are what the node asks for explicitly."""
+    if mode not in PREVIEW_MODES:
+        raise SelfForcingError(f"preview must be one of {PREVIEW_MODES}, got {mode!r}")
+    if mode != "auto":
+        return mode
+    return "off" if previews_refused() else "live"
+
+
+def previews_refused() -> bool:
+    """True when ComfyUI was asked for no previews: the running prompt says preview_method "none" (the frontend's
+    preview setting), or the server was started with --preview-method none. (ComfyUI's own default is also
+    "none", but unasked; then the stream is shown.)"""
+    from comfy.cli_args import LatentPreviewMethod, args
+
+    if args.preview_method != LatentPreviewMethod.NoPreviews:
+        return False  # the server or this prompt asked for previews
+    asked = _prompt_preview_method()
+    if asked not in (None, "", "default"):
+        return asked == "none"
+    return any(a == "--preview-method" or a.startswith("--preview-method=") for a in sys.argv)
+
+
+def _prompt_preview_method() -> str | None:
+    """The preview_method the running prompt was queued with (extra_data), if any."""
+    try:
+        from comfy_execution.utils import get_executing_context
+        from server import PromptServer
+
+        context = get_executing_context()
+        running, _ = PromptServer.instance.prompt_queue.get_current_queue_volatile()
+    except Exception:
+        return None
+    for item in running:
+        if context is not None and len(item) > 3 and item[1] == context.prompt_id and isinstance(item[3], dict):
+            return item[3].get("preview_method")
+    return None
 
 
 class LiveProgress:

@@ -5,17 +5,20 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ..sf_core.errors import SelfForcingError
-from ..sf_core.latents import latent_frames_for, latent_size_for
-from ..sf_core.options import SAMPLING, STREAMING, stream_settings
+from ..sf_core.latents import latent_size_for
+from ..sf_core.options import SAMPLING, STREAMING, stream_settings  # noqa: F401  (stream_settings: for the nodes)
 
 CATEGORY = "Self Forcing"
 Timeline = io.Custom("SF_PROMPT_TIMELINE")
 
 
+MIN_SIZE, MAX_SIZE = 16, 4096
+
+
 def size_inputs():
     return [
-        io.Int.Input("width", default=832, min=16, max=4096, step=16, tooltip="Video width in pixels (multiple of 16)."),
-        io.Int.Input("height", default=480, min=16, max=4096, step=16, tooltip="Video height in pixels (multiple of 16)."),
+        io.Int.Input("width", default=832, min=MIN_SIZE, max=MAX_SIZE, step=16, tooltip="Video width in pixels (multiple of 16)."),
+        io.Int.Input("height", default=480, min=MIN_SIZE, max=MAX_SIZE, step=16, tooltip="Video height in pixels (multiple of 16)."),
     ]
 
 
@@ -39,15 +42,17 @@ def _node_input(o):
     return (io.Int if o.type is int else io.Float).Input(o.name, default=o.default, tooltip=o.help, **limits, **extra)
 
 
-def check_video_inputs(width=None, height=None, length=None, **settings) -> bool | str:
-    """validate_inputs body shared by nodes: True, or the message that says what to change."""
+def check_size(width=None, height=None) -> bool | str:
+    """validate_inputs body of the nodes with a size: True, or the message that says what to change. ComfyUI
+    marks every input a validate_inputs takes, so it takes the size pair only (and, taking them, skips their
+    min/max check: made here). The other rules are in queue_checks.py and at run time."""
+    if width is None or height is None:
+        return True
+    for name, v in (("width", width), ("height", height)):
+        if not MIN_SIZE <= v <= MAX_SIZE:
+            return f"{name} {v} is outside {MIN_SIZE}..{MAX_SIZE} pixels"
     try:
-        if width is not None and height is not None:
-            latent_size_for(height, width)
-        if length is not None:
-            latent_frames_for(length)
-        if all(settings.get(o.name) is not None for o in SAMPLING):
-            stream_settings(settings)
-    except (SelfForcingError, ValueError) as e:
+        latent_size_for(height, width)
+    except SelfForcingError as e:
         return str(e)
     return True

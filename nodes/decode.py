@@ -34,7 +34,7 @@ class StreamingDecode(io.ComfyNode):
                                                      "Used when set, instead of the VAE."),
                 io.Int.Input("latent_frames_per_step", default=3, min=1, max=64, tooltip="Latent frames decoded per step."),
             ],
-            outputs=[io.Image.Output()],
+            outputs=[io.Image.Output(tooltip="Every decoded frame, [frames, height, width, 3], as one IMAGE batch.")],
             hidden=[io.Hidden.unique_id],
         )
 

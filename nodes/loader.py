@@ -31,7 +31,8 @@ class LoadModel(io.ComfyNode):
                 io.Combo.Input("weight_dtype", options=list(WEIGHT_DTYPES), default="default",
                                tooltip="Storage dtype of the weights; default lets ComfyUI choose for your device."),
             ],
-            outputs=[io.Model.Output()],
+            outputs=[io.Model.Output(tooltip="The DiT as a stock MODEL: for the Self-Forcing Stream Sampler, LoRA loaders "
+                                             "and any other node that takes a MODEL.")],
         )
 
     @classmethod

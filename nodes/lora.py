@@ -30,7 +30,7 @@ class LoadLoRA(io.ComfyNode):
                                tooltip="For files that store no alpha (PEFT): scale = alpha / rank. 0 = the rank "
                                        "(LongLive's rank 256 / alpha 256)."),
             ],
-            outputs=[io.Model.Output()],
+            outputs=[io.Model.Output(tooltip="The model with the LoRA patched in (the input model is left unchanged).")],
         )
 
     @classmethod

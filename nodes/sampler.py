@@ -13,7 +13,7 @@ import torch
 import comfy.model_management as mm
 import comfy.utils
 import folder_paths
-from comfy_api.latest import InputImpl, io
+from comfy_api.latest import io
 
 from ..sf_core.errors import SelfForcingError
 from ..sf_core.latents import TIME_STRIDE, latent_frames_for, latent_size_for, normalize
@@ -24,8 +24,8 @@ from ..sf_core.stream import PromptSegment, PromptTimeline, Stream
 from ..sf_core.timeline import format_timeline, resolve
 from ..sf_core.video import VideoWriter
 from . import bridge, steering
-from .common import (CATEGORY, Timeline, check_video_inputs, sampling_inputs, size_inputs, stream_inputs,
-                     stream_settings)
+from .common import CATEGORY, Timeline, check_size, sampling_inputs, size_inputs, stream_inputs, stream_settings
+from .video_output import StreamedVideo
 
 log = logging.getLogger(__name__)
 FAST_PATHS = ("eager", "compile", "compile + CUDA graphs")
@@ -70,30 +70,41 @@ class StreamSampler(io.ComfyNode):
                                        "graph once the window is full (needs a window; CUDA). For fp8 matmuls use the "
                                        "loader's fp8_e4m3fn_fast."),
                 *stream_inputs(),
+                io.Combo.Input("preview", options=list(bridge.PREVIEW_MODES), default="auto", optional=True,
+                               tooltip="What the node shows while it streams. auto: the decoded frames, unless ComfyUI "
+                                       "was asked for no previews (--preview-method none, or the frontend's preview "
+                                       "setting 'none'); live: the decoded frames always; latent: a cheap colour "
+                                       "preview of the latents; off: only the progress bar and status line."),
             ],
             outputs=[
-                io.Latent.Output(display_name="LATENT"),
-                io.Image.Output(display_name="IMAGE", tooltip="Decoded frames (a latent preview when no VAE is connected)."),
-                io.Video.Output(display_name="VIDEO"),
+                io.Latent.Output(display_name="LATENT", tooltip="The video's latents (Wan2.1 VAE space): every latent frame, "
+                                 "or the last chunk's with return_all off. For VAE Decode or Save Latent."),
+                io.Image.Output(display_name="IMAGE", tooltip="Decoded frames (a latent preview when no VAE is connected): "
+                                "every frame, or the last chunk's with return_all off."),
+                io.Video.Output(display_name="VIDEO", tooltip="The whole video as H.264 MP4, written while it streamed, at "
+                                "the fps set here. Connect Save Video: the saved file is then the only copy on disk."),
             ],
             hidden=[io.Hidden.unique_id],
         )
 
     @classmethod
-    def validate_inputs(cls, width=None, height=None, length=None, **kw):
-        return check_video_inputs(width, height, length, **kw)
+    def validate_inputs(cls, width=None, height=None):
+        return check_size(width, height)
 
     @classmethod
     def execute(cls, model, seed, width, height, length, fps, positive=None, timeline=None, vae=None, start_image=None,
-                input_video=None, clip=None, return_all=True, fast_path="eager", **sampling) -> io.NodeOutput:
+                input_video=None, clip=None, return_all=True, fast_path="eager", preview="auto",
+                **sampling) -> io.NodeOutput:
         settings = stream_settings(sampling, timeline["switch"] if timeline else "recache")
         frames_per_chunk = settings.frames_per_chunk
         h, w = latent_size_for(height, width)
         total = latent_frames_for(length)
         _, config = bridge.wan_dit(model)
-        prompts = _timeline(timeline, positive, config, fps, frames_per_chunk)
         if input_video is not None:
             total = min(total, _input_latent_frames(vae, input_video, start_image, width, height))
+        prefix_frames = 0 if start_image is None else 1
+        prompts = _timeline(timeline, positive, config, fps, frames_per_chunk,
+                            -(-(total - prefix_frames) // frames_per_chunk))
         prefix = _start_latent(vae, start_image, width, height) if start_image is not None else None
         decoder = bridge.stream_decoder(vae, encoder=input_video is not None) if vae is not None else None
         capacity = settings.cache_frames(total)
@@ -114,6 +125,7 @@ class StreamSampler(io.ComfyNode):
         decoder = decoder.stream_decoder() if decoder is not None else None
         n = stream.num_chunks + (prefix is not None)
         live = bridge.LiveProgress(cls.hidden.unique_id, n, fps)
+        show = bridge.preview_mode(preview)
         latents, frames, count, note = [], [], 0, ""
         path = Path(folder_paths.get_temp_directory()) / f"self_forcing_{uuid.uuid4().hex[:12]}.mp4"
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -134,8 +146,15 @@ class StreamSampler(io.ComfyNode):
                     frames.append(shown)
                     count += shown.shape[0]
                     note = _switch_note(step.chunk.switch, note)
-                    live.status(f"chunk {i}/{n} · {count} frames · {count / (time.perf_counter() - start):.1f} FPS{note}")
-                    live.frames(i, shown, behind=lambda: steps.pending() > 0)
+                    live.status(status_line(i, n, step.chunk.prompt, step.chunk.label, count,
+                                            time.perf_counter() - start) + note)
+                    if show == "off":
+                        live.bar.update_absolute(i, n)
+                    elif show == "latent" and step.frames is not None:
+                        live.frames(i, bridge.latent_preview(step.chunk.latents, model.model.latent_format),
+                                    behind=lambda: steps.pending() > 0)
+                    else:
+                        live.frames(i, shown, behind=lambda: steps.pending() > 0)
         finally:
             stream.close()
         if any(sw.source == "live" for sw in stream.switches):
@@ -144,7 +163,7 @@ class StreamSampler(io.ComfyNode):
             log.info("Self-Forcing node %s: live prompts applied; this Prompt Timeline (same seed and settings) "
                      "replays the run:\n%s", cls.hidden.unique_id, format_timeline(segments))
         images = torch.cat(frames).float() / 255.0
-        return io.NodeOutput(bridge.to_latent(torch.cat(latents, dim=2)), images, InputImpl.VideoFromFile(str(path)))
+        return io.NodeOutput(bridge.to_latent(torch.cat(latents, dim=2)), images, StreamedVideo(path))
 
 
 def _upscale(frames: torch.Tensor, width: int, height: int) -> torch.Tensor:
@@ -153,9 +172,20 @@ def _upscale(frames: torch.Tensor, width: int, height: int) -> torch.Tensor:
     return up.movedim(1, -1).round().clamp(0, 255).to(torch.uint8)
 
 
-def _timeline(timeline, positive, config, fps, frames_per_chunk) -> PromptTimeline:
+def status_line(chunk: int, chunks: int, prompt: int, label: str, frames: int, seconds: float) -> str:
+    """'chunk 3/7 · prompt 2 "the fox stops and lo…" · 36 frames · 12.1 FPS': the timeline prompt in effect and
+    its text (when known) shortened."""
+    quoted = f' "{label[:PROMPT_CHARS - 1]}…"' if len(label) > PROMPT_CHARS else (f' "{label}"' if label else "")
+    fps = frames / seconds if seconds > 0 else 0.0
+    return f"chunk {chunk}/{chunks} · prompt {prompt + 1}{quoted} · {frames} frames · {fps:.1f} FPS"
+
+
+PROMPT_CHARS = 32  # the active prompt is shortened to this many characters on the status line
+
+
+def _timeline(timeline, positive, config, fps, frames_per_chunk, num_chunks) -> PromptTimeline:
     if timeline is not None:
-        starts = resolve(timeline["entries"], fps, frames_per_chunk)
+        starts = resolve(timeline["entries"], fps, frames_per_chunk, num_chunks)
         return PromptTimeline([
             PromptSegment(c, bridge.text_from_conditioning(cond, config.text_dim, config.text_len), e.prompt)
             for c, e, cond in zip(starts, timeline["entries"], timeline["conditionings"])

@@ -30,11 +30,13 @@ class PromptTimeline(io.ComfyNode):
                                tooltip="recache: re-encode the cached frames under the new prompt (smooth change, scene kept); "
                                        "cut: flush the cache (hard cut)."),
             ],
-            outputs=[Timeline.Output(display_name="TIMELINE")],
+            outputs=[Timeline.Output(display_name="TIMELINE", tooltip="The encoded prompts with their start times, for the "
+                                     "sampler's timeline input (it switches prompts at chunk boundaries).")],
         )
 
     @classmethod
-    def validate_inputs(cls, timeline=None, **kw):
+    def validate_inputs(cls, timeline=None):
+        """The text alone (the rules against the sampler's length and chunking are in queue_checks.py)."""
         if timeline is None:
             return True
         try:

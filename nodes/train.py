@@ -18,10 +18,11 @@ from ..sf_core.train.cli import WAN_NEGATIVE_PROMPT
 from ..sf_core.paths import check_paths
 from ..sf_core.train.plot import loss_curve
 from ..sf_core.train.session import run_session
+from ..sf_core.pipeline import to_uint8_frames
 from ..sf_core.train.state import check_state, read_state
-from ..sf_core.train.trainer import TrainSettings, Trainer
+from ..sf_core.train.trainer import TrainSettings, Trainer, sample
 from . import bridge
-from .common import CATEGORY, size_inputs
+from .common import CATEGORY, check_size, size_inputs
 
 
 class TrainLoRA(io.ComfyNode):
@@ -57,34 +58,33 @@ class TrainLoRA(io.ComfyNode):
                 io.Int.Input("save_every", default=50, min=1, max=100000, tooltip="Write a resumable training checkpoint every N iterations (to output/self_forcing_training)."),
                 io.Boolean.Input("overwrite", default=False, optional=True,
                                  tooltip="Start afresh over this name's existing checkpoint and replace an existing LoRA of the same name (refused otherwise)."),
+                io.Vae.Input("vae", optional=True, tooltip="Wan2.1 VAE: decode the preview rollouts (without it the "
+                                                           "previews show the latents' colours)."),
+                io.Int.Input("preview_every", default=25, min=0, max=100000, optional=True,
+                             tooltip="Every N iterations, roll out the current generator on the first prompt (fixed "
+                                     "seed, all steps) and show a few of its frames on this node. 0 = no previews."),
             ],
-            outputs=[io.Model.Output(display_name="MODEL"), io.Image.Output(display_name="loss")],
+            outputs=[io.Model.Output(display_name="MODEL", tooltip="The generator with the trained LoRA applied (the LoRA "
+                                     "is also saved in models/loras under lora_name)."),
+                     io.Image.Output(display_name="loss", tooltip="The critic and generator loss curves of the run, as an image.")],
             hidden=[io.Hidden.unique_id],
             is_output_node=True,
         )
 
     @classmethod
-    def validate_inputs(cls, prompts=None, lora_name=None, width=None, height=None, length=None, **kw):
-        try:
-            if prompts is not None and not prompts.strip():
-                return "no prompts to train on: write one prompt per line"
-            if lora_name is not None and (not lora_name.strip() or "/" in lora_name or "\\" in lora_name):
-                return "lora_name must be a plain file name (no folders)"
-            if width is not None and height is not None:
-                latent_size_for(height, width)
-            if length is not None:
-                latent_frames_for(length)
-        except ValueError as e:
-            return str(e)
-        return True
+    def validate_inputs(cls, width=None, height=None):
+        return check_size(width, height)
 
     @classmethod
     def execute(cls, model, teacher, clip, prompts, negative_prompt, lora_name, iterations, rank, learning_rate,
                 critic_learning_rate, critic_ratio, guidance, width, height, length, frames_per_chunk, seed,
-                gradient_checkpointing, resume, save_every, overwrite=False) -> io.NodeOutput:
+                gradient_checkpointing, resume, save_every, overwrite=False, vae=None,
+                preview_every=25) -> io.NodeOutput:
         lines = [ln.strip() for ln in prompts.splitlines() if ln.strip()]
         if not lines:
             raise SelfForcingError("no prompts to train on: write one prompt per line")
+        if not lora_name.strip() or "/" in lora_name or "\\" in lora_name:
+            raise SelfForcingError("lora_name must be a plain file name (no folders)")
         if model.get_model_object("diffusion_model") is teacher.get_model_object("diffusion_model"):
             raise SelfForcingError("the teacher must be a separate model (load the Wan2.1 base model for it)")
         h, w = latent_size_for(height, width)
@@ -106,6 +106,8 @@ class TrainLoRA(io.ComfyNode):
             check_state(state, settings, cfg, teacher_cfg, checkpoint.name)
         texts = torch.cat([bridge.text_from_conditioning(_encode(clip, p), cfg.text_dim, cfg.text_len) for p in lines])
         negative = bridge.text_from_conditioning(_encode(clip, negative_prompt), cfg.text_dim, cfg.text_len)
+        decoder = bridge.stream_decoder(vae) if vae is not None and preview_every else None
+        latent_format = model.model.latent_format
         with torch.inference_mode(False), torch.enable_grad():
             bridge.load([model, teacher], full=True)  # both resident: training cannot stream weights
             generator_dit, teacher_dit = bridge.wan_dit(model)[0], bridge.wan_dit(teacher)[0]
@@ -120,6 +122,8 @@ class TrainLoRA(io.ComfyNode):
                 live.status(f"iteration {info['iteration']}/{iterations} · critic {info['critic_loss']:.3e}"
                             + (f" · generator {gl:.3e}" if gl is not None else "") + f" · {info['seconds']:.1f} s/it")
                 live.bar.update_absolute(info["iteration"], iterations)  # raises when cancelled
+                if preview_every and info["iteration"] % preview_every == 0:
+                    live.frames(info["iteration"], _preview_strip(trainer, decoder, latent_format)[None])
 
             seen: list[dict] = []
             try:
@@ -151,6 +155,21 @@ def check_outputs(lora_path: Path, checkpoint: Path, *, resume: bool, overwrite:
             "another lora_name, or turn overwrite on to replace it"
         )
     check_paths({}, {"lora_name": lora_path, "checkpoint": checkpoint}, overwrite=True)
+
+
+PREVIEW_FRAMES = 4
+
+
+def _preview_strip(trainer, decoder, latent_format) -> torch.Tensor:
+    """A few frames of the current generator's rollout side by side: uint8 [H, n * W, 3]."""
+    with torch.inference_mode():
+        z = sample(trainer, seed=0)
+        if decoder is not None:
+            frames = to_uint8_frames(decoder.stream_decoder().decode_normalized(z.to(decoder.device)))
+        else:
+            frames = bridge.latent_preview(z, latent_format)
+    picks = torch.linspace(0, frames.shape[0] - 1, min(PREVIEW_FRAMES, frames.shape[0])).round().long()
+    return torch.cat(list(frames[picks].cpu()), dim=1)
 
 
 def _encode(clip, text: str):

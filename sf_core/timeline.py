@@ -12,7 +12,10 @@ read too, keyed by video frame, with or without the braces:
 
     "0": "a red fox trots through fresh snow",
     "48": "the fox stops and looks straight into the camera"
-Parsing (`parse_entries`) needs no sampler settings; `resolve` maps entries to chunks once they are known.
+
+Parsing (`parse_entries`) needs no sampler settings; `resolve` maps entries to chunks once they are known and
+refuses what no model is needed to see: nothing at 0s, two prompts in one chunk, a prompt after the video's end.
+Every rule lives here; the nodes, the queue-time checks and the CLI only call these functions.
 """
 
 from __future__ import annotations
@@ -41,6 +44,20 @@ class Entry:
         if self.frame is not None:
             return chunk_at_frame(self.frame, frames_per_chunk)
         return chunk_at_seconds(self.seconds, fps, frames_per_chunk)
+
+    @property
+    def start(self) -> str:
+        """The start as written: '5s', '#4' or 'frame 48'."""
+        if self.chunk is not None:
+            return f"#{self.chunk}"
+        return f"frame {self.frame}" if self.frame is not None else f"{self.seconds:g}s"
+
+
+def check_prompt(text: str) -> str:
+    """A single prompt, stripped; SelfForcingError when it is empty."""
+    if not str(text).strip():
+        raise SelfForcingError("the prompt is empty; write what the video should show")
+    return str(text).strip()
 
 
 _KEYFRAME_START = re.compile(r'^\s*(\{|"[^"]*"\s*:)')
@@ -83,9 +100,8 @@ def _line(text: str, n: int) -> str:
 
 def parse_entries(text: str) -> list[Entry]:
     """Timeline text (tagged lines or a keyframe schedule) -> entries, in the order written."""
+    check_prompt(text)
     lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
-    if not lines:
-        raise SelfForcingError("the prompt is empty; write what the video should show")
     if _KEYFRAME_START.match(lines[0]):
         return parse_keyframes(text)
     if len(lines) == 1 and not _TAG.match(lines[0]):
@@ -107,8 +123,10 @@ def parse_entries(text: str) -> list[Entry]:
     return entries
 
 
-def resolve(entries: list[Entry], fps: float = 16.0, frames_per_chunk: int = 3) -> list[int]:
-    """Start chunk of each entry (same order). Raises if two share a chunk or nothing starts at 0."""
+def resolve(entries: list[Entry], fps: float = 16.0, frames_per_chunk: int = 3,
+            num_chunks: int | None = None) -> list[int]:
+    """Start chunk of each entry (same order). Raises if two share a chunk, nothing starts at 0, or (with
+    `num_chunks`, the generated chunks of the video) a prompt starts after the last chunk."""
     starts = [e.start_chunk(fps, frames_per_chunk) for e in entries]
     seen: dict[int, int] = {}
     for i, c in enumerate(starts):
@@ -120,13 +138,30 @@ def resolve(entries: list[Entry], fps: float = 16.0, frames_per_chunk: int = 3) 
         seen[c] = i
     if 0 not in seen:
         raise SelfForcingError("the timeline must start at 0s (or #0, or keyframe \"0\")")
+    if num_chunks is not None:
+        for i, (e, c) in enumerate(zip(entries, starts)):
+            if c >= num_chunks:
+                last = num_chunks - 1
+                raise SelfForcingError(
+                    f"timeline prompt {i + 1} starts at {e.start} (chunk {c}) but the video's last chunk is {last}: "
+                    f"it would never be shown; start it by {_chunk_seconds(last, fps, frames_per_chunk):g}s "
+                    f"(#{last}) or make the video longer"
+                )
     return starts
 
 
-def parse_timeline(text: str, fps: float = 16.0, frames_per_chunk: int = 3) -> list[tuple[int, str]]:
-    """Text -> [(start_chunk, prompt), ...] sorted by start."""
+def parse_timeline(text: str, fps: float = 16.0, frames_per_chunk: int = 3,
+                   num_chunks: int | None = None) -> list[tuple[int, str]]:
+    """Text -> [(start_chunk, prompt), ...] sorted by start (see `resolve` for `num_chunks`)."""
     entries = parse_entries(text)
-    return sorted(zip(resolve(entries, fps, frames_per_chunk), (e.prompt for e in entries)))
+    return sorted(zip(resolve(entries, fps, frames_per_chunk, num_chunks), (e.prompt for e in entries)))
+
+
+def _chunk_seconds(chunk: int, fps: float, frames_per_chunk: int) -> float:
+    """The time of the first video frame of generated chunk `chunk` (inverse of chunk_at_seconds), 2 decimals."""
+    latent = chunk * frames_per_chunk
+    frame = 0 if latent == 0 else 4 * (latent - 1) + 1
+    return round(frame / fps, 2)
 
 
 def format_timeline(segments) -> str:

@@ -1,5 +1,5 @@
 """The Self-Forcing Stream Sampler in the real ComfyUI frontend: the shipped text-to-video workflow
-(workflows/self_forcing_text_to_video.json, model names mapped to the tiny test files) is loaded in headless
+(workflows/Self-Forcing text to video.json, model names mapped to the tiny test files) is loaded in headless
 chromium, queued from the page, and while the prompt is still running the sampler node shows a live preview of
 the decoded frames. A screenshot of that moment is kept in artifacts/sampler_live_preview.png (repo root).
 
@@ -18,11 +18,12 @@ import pytest
 
 from comfy_fixtures import tiny_comfy_server
 from comfy_server import REPO_ROOT, BrowserPage, chromium_skip_reason, comfyui_skip_reason
+from workflow_sources import T2V
 
 _skip = comfyui_skip_reason() or chromium_skip_reason()
 pytestmark = pytest.mark.skipif(_skip is not None, reason=_skip or "")
 
-WORKFLOW = REPO_ROOT / "workflows" / "self_forcing_text_to_video.json"
+WORKFLOW = REPO_ROOT / "workflows" / f"{T2V}.json"
 ARTIFACTS = REPO_ROOT / "artifacts"
 SAMPLER = "SelfForcingStreamSampler"
 # 256x160 frames, 65 frames = 17 latent frames = 6 chunks of 3; a rolling window of 12 with 3 sink frames.
@@ -30,7 +31,7 @@ SAMPLER = "SelfForcingStreamSampler"
 # comes after ~7 s, which leaves a wide window to catch the node mid-stream.
 SIZE = {"width": 256, "height": 160, "length": 65, "window": 12, "sink": 3}
 # The sampler node is enlarged before queueing so that its preview fits inside it; the view is fitted to it.
-NODE_SIZE = (420, 960)
+NODE_SIZE = (420, 1000)
 VIEWPORT = (1280, 900)
 PREVIEW_TIMEOUT = 90.0   # from queueing to the first live preview on the node
 RUN_TIMEOUT = 240.0      # the whole prompt
@@ -56,10 +57,12 @@ def widget_indices(node: dict, object_info: dict) -> dict[str, int]:
 def tiny_workflow(files: dict, object_info: dict) -> tuple[dict, int]:
     """The shipped UI workflow with the tiny model files and a small, longer stream; (workflow, sampler id)."""
     wf = json.loads(WORKFLOW.read_text())
-    names = {"UNETLoader": ("unet_name", files["dit"]), "CLIPLoader": ("clip_name", files["text_encoder"]),
+    names = {"SelfForcingLoadModel": ("model_name", files["dit_official"]), "CLIPLoader": ("clip_name", files["text_encoder"]),
              "VAELoader": ("vae_name", files["vae"])}
     sampler_id = None
     for node in wf["nodes"]:
+        if node["type"] not in object_info:  # the template's Note (a frontend-only node)
+            continue
         idx = widget_indices(node, object_info)
         if node["type"] in names:
             name, value = names[node["type"]]

@@ -4,6 +4,7 @@ node and CLI agree, stock LoRA loading equals merging, streaming decode equals t
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -33,7 +34,6 @@ def comfy(tmp_path_factory):
     server, files = tiny_comfy_server(tmp_path_factory.mktemp("comfy_pack"))
     p = files["paths"]
     # the tiny files under the real release names, so the shipped workflows run unchanged
-    server.add_model("diffusion_models", p["dit"], src.DIT)
     server.add_model("diffusion_models", p["dit_official"], src.DIT_PT)
     server.add_model("diffusion_models", p["dit"], src.TEACHER)
     server.add_model("text_encoders", p["text_encoder"], src.TE)
@@ -112,22 +112,10 @@ def test_pack_loads_and_lists_every_node_and_template(comfy):
     untipped = [f"{n}.{k}" for n in NODES for kind, group in info[n]["input"].items() if kind != "hidden"
                 for k, v in group.items() if not (len(v) > 1 and isinstance(v[1], dict) and v[1].get("tooltip"))]
     assert untipped == []  # every input says what it is for
+    outputs = {n: info[n]["output_tooltips"] for n in NODES}
+    assert all(len(t) == len(info[n]["output"]) and all(t) for n, t in outputs.items()), outputs  # every output too
     templates = server.get_json("/workflow_templates")
     assert sorted(templates[server.pack_name]) == sorted(p.stem for p in WORKFLOWS)
-
-
-def _speed_up(prompt: dict) -> dict:
-    """Shrink sizes and counts so a CPU runs the shipped graphs in seconds (structure unchanged)."""
-    for node in prompt.values():
-        ins = node["inputs"]
-        if node["class_type"] == "SelfForcingStreamSampler":
-            ins.update(SMALL, length=97 if ins.get("window") else 25)
-        if node["class_type"] == "SelfForcingPromptTimeline":
-            ins["timeline"] = "0s: a fox in the snow\n2s: the fox looks at the camera\n4s: the fox jumps"
-        if node["class_type"] == "SelfForcingTrainLoRA":
-            ins.update(iterations=2, rank=4, width=32, height=32, length=9, critic_ratio=1,
-                       gradient_checkpointing=False, save_every=1, resume=False)
-    return prompt
 
 
 @pytest.mark.skipif(chromium_skip_reason() is not None, reason=chromium_skip_reason() or "")
@@ -139,11 +127,11 @@ def test_every_workflow_runs_end_to_end(comfy, workflow):
     with BrowserPage(server) as page:
         prompt = ui_to_api(page, json.loads(workflow.read_text()))
     assert prompts_equivalent(prompt, src.WORKFLOWS[workflow.stem], server.object_info()) == []  # file in sync
-    entry = _run(server, _speed_up(prompt))
+    entry = _run(server, src.fast(prompt))
     videos = [f for f in server.output_files(entry) if f.suffix == ".mp4"]
     sampler = next(n for n in prompt.values() if n["class_type"] == "SelfForcingStreamSampler")
     assert len(videos) == 1 and _frames(videos[0]) == sampler["inputs"]["length"]
-    if "train" in workflow.stem:
+    if workflow.stem == src.TRAIN:
         assert (server.model_dirs["loras"] / "self_forcing_style.safetensors").is_file()
         assert "lora key not loaded" not in server.log_text()
 
@@ -167,6 +155,73 @@ def test_previews_stream_during_sampling(comfy):
     assert chunk_of_preview == sorted(chunk_of_preview)  # in order
     assert previews[0].t < finished.t  # frames reached the client while the sampler was still running
     assert any(m.text.startswith("chunk 5/5") for m in ws.progress_texts("5"))
+
+
+def _preview_run(server, files, seed, preview, preview_method=None):
+    """Run a 3-chunk stream with the preview switch; (previews of the sampler, progress values of the sampler)."""
+    extra = {"preview_method": preview_method} if preview_method else None
+    with server.websocket(preview_metadata=True) as ws:
+        pid = server.queue(_t2v(files, seed=seed, preview=preview), client_id=ws.client_id, extra_data=extra)
+        server.wait(pid)
+        ws.wait_done(pid)
+    msgs = ws.messages
+    chunks = []  # the chunk each preview belongs to: the sampler's next progress value
+    for i, m in enumerate(msgs):
+        if m.kind in ("preview", "preview_meta"):
+            nxt = next(x for x in msgs[i:] if x.kind == "json" and x.type == "progress" and x.data.get("node") == "5")
+            chunks.append(nxt.data["value"])
+    progress = [m.data["value"] for m in ws.json_messages("progress") if m.data.get("node") == "5"]
+    return ws.previews(), chunks, progress
+
+
+def test_preview_switch_and_the_servers_preview_setting(comfy):
+    from PIL import Image
+    import io as _io
+
+    server, files = comfy
+    # off: not one frame reaches the client, the progress bar still moves through every chunk
+    previews, _, progress = _preview_run(server, files, 81, "off")
+    assert previews == [] and sorted(set(progress)) == [1, 2, 3]
+    # auto follows a prompt queued with the frontend's preview setting "none": nothing
+    previews, _, progress = _preview_run(server, files, 82, "auto", preview_method="none")
+    assert previews == [] and sorted(set(progress)) == [1, 2, 3]
+    # ...and shows decoded frames, per chunk, otherwise
+    previews, chunks, _ = _preview_run(server, files, 83, "auto")
+    assert sorted(set(chunks)) == [1, 2, 3] and Image.open(_io.BytesIO(previews[-1].image)).size == (64, 48)
+    # live: asked for explicitly, shown even when the prompt says none
+    previews, chunks, _ = _preview_run(server, files, 84, "live", preview_method="none")
+    assert sorted(set(chunks)) == [1, 2, 3]
+    # latent: the latents' colours at latent size (1/8), not the decoded frames
+    previews, chunks, _ = _preview_run(server, files, 85, "latent")
+    assert sorted(set(chunks)) == [1, 2, 3] and Image.open(_io.BytesIO(previews[-1].image)).size == (8, 6)
+
+
+def test_the_streamed_video_is_kept_once(comfy):
+    server, files = comfy
+    temp = lambda: set(server.temp_dir.rglob("*.mp4"))  # noqa: E731
+    saved = []
+    for seed in (91, 92):  # saved: the saved file is the only copy, run after run
+        g = _t2v(files, seed=seed)
+        g["7"] = {"class_type": "SaveVideo", "inputs": {"video": ["5", 2], "filename_prefix": "once/v", "format": "auto",
+                                                        "codec": "auto"}}
+        before = temp()
+        entry = _run(server, g)
+        assert temp() - before == set()  # no copy left in temp/
+        saved += [f for f in server.output_files(entry) if f.suffix == ".mp4"]
+    assert len(saved) == 2 and all(_frames(f) == 25 for f in saved)
+    import av
+
+    with av.open(str(saved[0])) as c:
+        assert "prompt" in c.metadata  # the saved copy carries the workflow, like any Save Video file
+    first = None
+    for seed in (93, 94):  # not saved: the file lives while ComfyUI holds the output, then goes
+        before = temp()
+        _run(server, _t2v(files, seed=seed))
+        new = temp() - before
+        assert len(new) == 1 and _frames(next(iter(new))) == 25
+        if first is not None:
+            assert not first.exists()  # the earlier run's file went when its output was dropped
+        first = next(iter(new))
 
 
 def test_long_streams_keep_memory_flat_without_frames(comfy):
@@ -283,25 +338,86 @@ def test_loader_reads_every_layout_to_the_same_model(comfy):
     assert all(torch.equal(o, stock) for o in outs)
 
 
-def test_impossible_inputs_are_refused_at_queue_time(comfy):
-    from comfy_server import ComfyServerError
+def _refusal(server, graph) -> dict:
+    """POST /prompt expecting a refusal: {node id: {input name: [details, ...]}} from ComfyUI's node_errors."""
+    status, resp = server.post_json("/prompt", {"prompt": graph})
+    assert status == 400, (status, resp)
+    out = {}
+    for node_id, entry in resp["node_errors"].items():
+        for e in entry["errors"]:
+            out.setdefault(node_id, {}).setdefault(e["extra_info"]["input_name"], []).append(e["details"])
+    return out
 
+
+@pytest.mark.parametrize("change, inputs, words", [
+    (dict(width=70), {"width", "height"}, "not divisible by 16"),
+    (dict(height=8192), {"width", "height"}, "height 8192 is outside"),
+    (dict(length=24), {"length"}, "1 \\+ 4\\*k"),
+    (dict(window=2, sink=0), {"window", "sink"}, "less than one chunk"),
+    (dict(window=6, sink=6), {"window", "sink"}, "smaller than the window"),
+    (dict(denoising_steps="250,500"), {"denoising_steps"}, "must decrease"),
+])
+def test_impossible_inputs_are_refused_on_their_inputs_only(comfy, change, inputs, words):
     server, files = comfy
-    for change, words in ((dict(width=70), "not divisible by 16"), (dict(length=24), "1 \\+ 4\\*k"),
-                          (dict(window=2, sink=0), "less than one chunk"), (dict(window=6, sink=6), "smaller than the window")):
-        with pytest.raises(ComfyServerError, match=words):
-            server.queue(_t2v(files, **change))
+    errors = _refusal(server, _t2v(files, **change))
+    assert set(errors) == {"5"} and set(errors["5"]) == inputs, errors  # only the inputs the rule concerns
+    details = [d for ds in errors["5"].values() for d in ds]
+    assert len(details) == len(inputs) and all(re.search(words, d) for d in details), details
+
+
+def _timeline_graph(files, text, **sampler):
+    g = _t2v(files, **sampler)
+    g["3"] = {"class_type": "SelfForcingPromptTimeline", "inputs": {"clip": ["2", 0], "timeline": text, "switch": "recache"}}
+    g["5"]["inputs"].pop("positive")
+    g["5"]["inputs"]["timeline"] = ["3", 0]
+    return g
+
+
+@pytest.mark.parametrize("text, where, words", [
+    ("1s: a fox\n2s: the fox jumps", {"3": {"timeline"}}, "must start at 0s"),
+    ("0s: a fox\n0.5s: the fox jumps", {"3": {"timeline"}}, "prompts 1 and 2 both start in chunk 0"),
+    ("0s: a fox\n100s: the fox jumps", {"3": {"timeline"}, "5": {"length"}}, "starts at 100s .* last chunk is 2"),
+    (" \n ", {"3": {"timeline"}}, "the prompt is empty"),
+    ("0s: a fox\n2s:", {"3": {"timeline"}}, "line 2 has a time but no prompt"),
+])
+def test_timeline_rules_are_refused_when_queued(comfy, text, where, words):
+    server, files = comfy
+    before = server.get_json("/history")
+    errors = _refusal(server, _timeline_graph(files, text, length=25))  # 25 frames: 7 latent frames, chunks 0..2
+    assert {k: set(v) for k, v in errors.items()} == where, errors
+    assert all(re.search(words, d) for v in errors.values() for ds in v.values() for d in ds), errors
+    assert server.get_json("/history") == before and not server.get_json("/queue")["queue_running"]  # nothing ran
+
+
+def test_an_empty_prompt_is_refused_on_the_text_encoder(comfy):
+    server, files = comfy
+    g = _t2v(files)
+    g["3"]["inputs"]["text"] = "   "
+    assert _refusal(server, g) == {"3": {"text": ["text - the prompt is empty; write what the video should show"]}}
+
+
+def test_a_timeline_that_fits_runs_and_names_the_active_prompt(comfy):
+    server, files = comfy
+    g = _timeline_graph(files, "0s: a fox in the snow\n#2: the fox looks straight into the camera lens", length=25)
+    with server.websocket() as ws:
+        pid = server.queue(g, client_id=ws.client_id)
+        server.wait(pid)
+    texts = [m.text for m in ws.progress_texts("5")]
+    assert any(t.startswith('chunk 1/3 · prompt 1 "a fox in the snow" · ') for t in texts), texts
+    assert any(re.match(r'chunk 3/3 · prompt 2 "the fox looks straight into the…" · 25 frames · [\d.]+ FPS'
+                        r"( · switched to 'the fox looks straight .*' at chunk 3)?$", t)
+               for t in texts), texts
 
 
 def test_training_node_saves_a_checkpoint_when_cancelled(comfy):
     import workflow_sources as src
 
     server, files = comfy
-    prompt = json.loads(json.dumps(src.WORKFLOWS["self_forcing_train_lora"]))
+    prompt = json.loads(json.dumps(src.WORKFLOWS[src.TRAIN]))
     train = prompt["4"]["inputs"]
     train.update(iterations=500, rank=4, width=32, height=32, length=9, critic_ratio=1, gradient_checkpointing=False,
                  save_every=1000, resume=False, lora_name="cancelled_run")
-    graph = {k: prompt[k] for k in ("1", "2", "3", "4", "5")}
+    graph = {k: prompt[k] for k in ("1", "2", "3", "4", "5", "7")}
     with server.websocket() as ws:
         pid = server.queue(graph, client_id=ws.client_id)
         ws.wait_for(lambda m: m.kind == "text" and (m.text or "").startswith("iteration 3/500"), timeout=300)
@@ -324,6 +440,32 @@ def test_training_node_saves_a_checkpoint_when_cancelled(comfy):
     with pytest.raises(ComfyServerError, match="rank=4"):
         server.wait(server.queue(graph), timeout=120)
     assert torch.load(ckpt, weights_only=True)["iteration"] == state["iteration"]  # left as it was
+
+
+def test_training_shows_frames_of_the_current_generator(comfy):
+    import workflow_sources as src
+    from PIL import Image
+    import io as _io
+
+    server, files = comfy
+    prompt = json.loads(json.dumps(src.WORKFLOWS[src.TRAIN]))
+    train = prompt["4"]["inputs"]
+    train.update(iterations=2, rank=4, width=32, height=32, length=9, critic_ratio=1, gradient_checkpointing=False,
+                 save_every=1000, resume=False, lora_name="previewed_run", preview_every=1, learning_rate=0.05)
+    graph = {k: prompt[k] for k in ("1", "2", "3", "4", "5", "7")}
+    with server.websocket(preview_metadata=True) as ws:
+        pid = server.queue(graph, client_id=ws.client_id)
+        server.wait(pid)
+        ws.wait_done(pid)
+    previews = ws.previews("4")
+    assert len(previews) == 2  # one per iteration at preview_every 1
+    strips = [Image.open(_io.BytesIO(m.image)) for m in previews]
+    assert all(im.size == (4 * 32, 32) for im in strips)  # 4 decoded 32x32 frames of the 9-frame rollout, side by side
+    import numpy as np
+
+    a, b = (np.asarray(im, dtype=float) for im in strips)
+    assert np.abs(a - b).mean() > 0.5  # the generator changed between the two iterations, and so did its frames
+    assert any("critic" in m.text for m in ws.progress_texts("4"))  # beside the loss text
 
 
 def test_fp8_weights_and_requeue_caching(comfy):

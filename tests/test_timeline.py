@@ -1,9 +1,10 @@
-"""Timeline text: time / chunk tags and the keyframe schedules of ComfyUI prompt-schedule nodes."""
+"""Timeline text: time / chunk tags and the keyframe schedules of ComfyUI prompt-schedule nodes, and every rule
+that needs no model (worked by hand)."""
 
 import pytest
 
 from sf_core.errors import SelfForcingError
-from sf_core.timeline import parse_entries, parse_timeline
+from sf_core.timeline import parse_entries, parse_timeline, resolve
 
 
 def test_tagged_lines_and_a_single_prompt():
@@ -47,3 +48,45 @@ def test_format_timeline_reads_back():
     text = format_timeline(segments)
     assert text == "#0: a red fox in the snow\n#7: a wolf howls\n"
     assert parse_timeline(text) == [(0, "a red fox in the snow"), (7, "a wolf howls")]
+
+
+def test_times_map_to_the_chunk_that_shows_them():
+    # 16 fps, 3 latent frames per chunk: chunk 1 starts at latent 3 = video frame 9 = 0.5625 s
+    assert parse_timeline("3s: c\n0s: a\n0.6s: b", 16.0, 3) == [(0, "a"), (1, "b"), (4, "c")]  # 3 s = frame 48 = latent 13
+    assert resolve(parse_entries("0s: a\n0.6s: b"), 16.0, 3) == [0, 1]
+    assert resolve(parse_entries("#0: a\n#5: b"), 16.0, 3, num_chunks=6) == [0, 5]
+
+
+@pytest.mark.parametrize("text, words", [
+    ("", "prompt is empty"),
+    ("  \n \n", "prompt is empty"),
+    ("0s: a fox\n3s:", "line 2 has a time but no prompt"),
+    ("0s: a fox\nthe fox jumps", "line 2 has no time"),
+])
+def test_parse_refuses(text, words):
+    with pytest.raises(SelfForcingError, match=words):
+        parse_entries(text)
+
+
+def test_timeline_must_start_at_zero():
+    with pytest.raises(SelfForcingError, match="must start at 0s"):
+        resolve(parse_entries("1s: a\n2s: b"), 16.0, 3)
+    assert resolve(parse_entries("0.5s: a\n2s: b"), 16.0, 3)[0] == 0  # 0.5 s is still in chunk 0 at 3 frames/chunk
+
+
+def test_two_prompts_in_one_chunk_are_refused():
+    # 0.5 s = frame 8 = latent 2 -> chunk 0, like 0 s
+    with pytest.raises(SelfForcingError, match="prompts 1 and 2 both start in chunk 0"):
+        resolve(parse_entries("0s: a\n0.5s: b"), 16.0, 3)
+    assert resolve(parse_entries("0s: a\n0.5s: b"), 16.0, 1) == [0, 2]  # one latent frame per chunk: apart
+
+
+def test_a_prompt_after_the_video_is_refused():
+    # 81 frames = 21 latent frames = 7 chunks (0..6); chunk 6 starts at latent 18 = frame 69 = 4.3125 s
+    entries = parse_entries("0s: a\n4.3s: b\n100s: c")
+    with pytest.raises(SelfForcingError, match=r"prompt 3 starts at 100s \(chunk \d+\) but the video's last chunk is 6.*4.31s"):
+        resolve(entries, 16.0, 3, num_chunks=7)
+    assert resolve(entries[:2], 16.0, 3, num_chunks=7) == [0, 6]
+    with pytest.raises(SelfForcingError, match="last chunk is 5"):
+        resolve(entries[:2], 16.0, 3, num_chunks=6)
+    assert parse_timeline("0s: a\n#6: b", 16.0, 3, num_chunks=7) == [(0, "a"), (6, "b")]

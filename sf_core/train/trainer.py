@@ -316,3 +316,19 @@ def evaluate(trainer: Trainer, seed: int = 1234, timesteps=(250.0, 500.0, 750.0)
         distance += float((x - (cond + s.guidance * (cond - uncond))).abs().mean())
         loss += float(((trainer.teacher(x_t, t, critic_kv) - (eps - x)) ** 2).mean())
     return {"teacher_distance": distance / len(timesteps), "critic_loss": loss / len(timesteps)}
+
+
+@torch.no_grad()
+def sample(trainer: Trainer, seed: int = 0, prompt: int = 0) -> torch.Tensor:
+    """A full-step rollout of the current generator (its LoRA on) for training previews: the first batch item
+    of prompt `prompt`, normalised latents [1, C, F, h, w]. Its own generator: the run's random draws, and so
+    resuming, are unaffected."""
+    s = trainer.settings
+    text = trainer.prompts[prompt % trainer.prompts.shape[0]][None]
+    stream = Stream(trainer.student, text, latent_height=s.latent_height, latent_width=s.latent_width,
+                    num_frames=s.latent_frames, settings=trainer.stream_settings,
+                    generator=torch.Generator(device="cpu").manual_seed(seed))
+    try:
+        return torch.cat([c.latents for c in stream], dim=2)
+    finally:
+        stream.close()
