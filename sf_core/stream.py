@@ -26,6 +26,7 @@ from typing import Iterator, Sequence
 
 import torch
 
+from . import noise
 from .cache import SINK_POSITIONS, KVCache
 from .config import WanConfig
 from .latents import TIME_STRIDE
@@ -174,7 +175,8 @@ class Stream:
 
     backbone: a WanBackbone. prompts: text embeddings [B, Lt, text_dim] or a PromptTimeline.
     latent_height/width: latent size (pixels / 8). num_frames: latent frames to generate (None: unbounded,
-    needs a window). generator: torch.Generator or int seed (all noise comes from it). prefix: clean latent
+    needs a window). generator: torch.Generator or int seed (all noise comes from it), or one generator per
+    sample (sample b's noise comes from generator b alone, whatever the batch it is drawn in). prefix: clean latent
     frames [B, 16, P, h, w] (normalised) that enter the cache first (image-to-video, continuation).
     video: the input of video-to-video, a LatentSource (sf_core.sources) or normalised latents [B, 16, T, h, w];
     the stream ends where the input ends. inbox: a PromptInbox for prompt changes while the stream runs.
@@ -190,7 +192,7 @@ class Stream:
         num_frames: int | None,
         batch: int = 1,
         settings: StreamSettings = StreamSettings(),
-        generator: torch.Generator | int = 0,
+        generator: torch.Generator | int | Sequence[torch.Generator] = 0,
         prefix: torch.Tensor | None = None,
         video: LatentSource | torch.Tensor | None = None,
         inbox: PromptInbox | None = None,
@@ -208,11 +210,12 @@ class Stream:
         self.prefix_frames = 0 if self.prefix is None else self.prefix.shape[2]
         if isinstance(generator, int):
             generator = torch.Generator(device="cpu").manual_seed(generator)
+        if noise.per_sample(generator) and len(generator) != batch:
+            raise SelfForcingError(f"{len(generator)} per-sample generators for a batch of {batch}; give one per sample")
         # Reference noise comes from `generator`, frame by frame, so a frame's starting noise does not depend on
         # the step list or the chunking; the per-step noise has a generator of its own, seeded from it.
         self.generator = generator
-        seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
-        self.step_generator = torch.Generator(device=generator.device).manual_seed(seed)
+        self.step_generator = noise.split(generator)
         schedule = FlowSchedule(settings.shift)
         self.timesteps = schedule.warp(settings.steps)
         self.sigmas = [schedule.sigma_of(t) for t in self.timesteps]
@@ -387,10 +390,10 @@ class Stream:
     def _noise(self, count: int) -> tuple[torch.Tensor, torch.Tensor]:
         """A chunk's reference noise [B, C, n, h, w] and its per-step noise [steps - 1, B, C, n, h, w], drawn in
         one go and moved to the device with one asynchronous copy (no sync in the loop)."""
-        B, C, g = self.batch, self.backbone.config.in_dim, self.generator
-        ref = torch.randn((B, count, C, self.h, self.w), generator=g, device=g.device).transpose(1, 2).contiguous()
+        B, C = self.batch, self.backbone.config.in_dim
+        ref = noise.randn((B, count, C, self.h, self.w), self.generator).transpose(1, 2).contiguous()
         draws = max(len(self.timesteps), len(self.input_timesteps)) - 1
-        steps = torch.randn((draws, B, C, count, self.h, self.w), generator=self.step_generator, device=g.device)
+        steps = noise.randn((draws, B, C, count, self.h, self.w), self.step_generator, dim=1)
         device = self.backbone.device
         if ref.device != device:
             if device.type == "cuda":

@@ -105,7 +105,8 @@ def test_exit_step_varies_and_only_the_exit_forward_gets_gradients():
     g.blocks[1].ffn[0].register_full_backward_hook(lambda *a: backward_calls.append(1))
     timesteps = FlowSchedule(5.0).warp(tr.settings.denoising_steps)
     exits = []
-    for _ in range(6):
+    for i in range(6):
+        tr.iteration = i  # the exit step is drawn per iteration
         rec.calls.clear()
         backward_calls.clear()
         tr.generator_loss().backward()

@@ -3,6 +3,10 @@
 Every input is checked first (paths, prompts, sizes, what each file is); then the prompts and the
 negative prompt are encoded once and the text encoder is freed; then the trainer runs, checkpointing
 atomically, and the final LoRA is written in ComfyUI's LoRA layout.
+
+Under torchrun (`torchrun --nproc_per_node N -m sf_core train ...`) every rank runs this same command
+data-parallel (see `distributed`): rank 0 encodes the prompts and hands them out, reads a checkpoint to
+resume from, writes checkpoints and the LoRA, and is the only one that logs.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from ..signals import StopSignals
 from ..stream import StreamSettings
 from ..latents import latent_frames_for, latent_size_for
 from ..text import inspect_text_encoder, load_text_encoder
+from .distributed import World, init_world, launched_by_torchrun, shard_frozen_base
 from .session import run_session
 from .state import check_state, read_state
 from .trainer import TrainSettings, Trainer
@@ -69,6 +74,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=list(DTYPES), default=None, help="default: bf16 on GPU, fp32 on CPU")
+    p.add_argument("--shard-base", action="store_true",
+                   help="under torchrun: split the frozen generator and teacher weights across the ranks (FSDP2)")
+    p.add_argument("--dist-timeout", type=float, default=1800.0,
+                   help="under torchrun: seconds a rank waits for the others before the job fails")
 
 
 def settings_from(args) -> TrainSettings:
@@ -90,7 +99,7 @@ def read_prompts(path) -> list[str]:
     return prompts
 
 
-def preflight(args) -> tuple[TrainSettings, list[str], Path]:
+def preflight(args, world_size: int = 1) -> tuple[TrainSettings, list[str], Path]:
     """Every check before heavy work: values, devices, paths (inputs never outputs, no silent replacing),
     what each file is, the resume checkpoint against this run, a lower bound of the memory needed."""
     device = pf.check_device(args.device)
@@ -101,6 +110,9 @@ def preflight(args) -> tuple[TrainSettings, list[str], Path]:
         pf.positive("--alpha", args.alpha)
     pf.at_least("--save-every", args.save_every, 1)
     settings = settings_from(args)
+    if args.shard_base and not launched_by_torchrun():
+        raise SelfForcingError("--shard-base splits the weights across processes: launch with "
+                               "torchrun --nproc_per_node N -m sf_core train ...")
     if not str(args.output).endswith(".safetensors"):
         raise SelfForcingError(f"output {args.output} should end in .safetensors (ComfyUI's LoRA format)")
     checkpoint = Path(args.checkpoint) if args.checkpoint else Path(str(args.output)[: -len(".safetensors")] + ".ckpt.pt")
@@ -128,7 +140,7 @@ def preflight(args) -> tuple[TrainSettings, list[str], Path]:
         raise SelfForcingError(f"{args.text_encoder} gives {te.config.dim}-wide text embeddings but {args.model} "
                                f"reads {gcfg.text_dim}-wide ones; use the text encoder made for this model (UMT5-XXL)")
     if args.resume:
-        check_state(read_state(checkpoint), settings, gcfg, tcfg, checkpoint)
+        check_state(read_state(checkpoint), settings, gcfg, tcfg, checkpoint, world_size=world_size)
     dtype = compute_dtype(args.dtype, device)
     cache = StreamSettings(frames_per_chunk=settings.frames_per_chunk).cache_bytes(
         gcfg, settings.latent_height, settings.latent_width, settings.latent_frames, batch=settings.batch, dtype=dtype)
@@ -141,17 +153,35 @@ def preflight(args) -> tuple[TrainSettings, list[str], Path]:
 def run(args, log=print) -> dict:
     """Train; returns {history, output, checkpoint, stopped}. A SIGINT / SIGTERM during training stops it at
     the end of the current iteration with a checkpoint saved (`stopped` names the signal, no LoRA is
-    written); during loading, it stops at once (nothing written)."""
-    settings, prompts, checkpoint = preflight(args)
-    device = torch.device(args.device)
+    written); during loading, it stops at once (nothing written). Under torchrun: one data-parallel rank."""
+    world, device = init_world(args.device, args.dist_timeout)
+    try:
+        return _run(args, world, device, log if world.is_main else (lambda *a, **k: None))
+    finally:
+        world.close()
+
+
+def _run(args, world: World, device: torch.device, log) -> dict:
+    settings, prompts, checkpoint = preflight(args, world.size)
     dtype = compute_dtype(args.dtype, device)
-    with load_text_encoder(args.text_encoder, tokenizer=args.tokenizer, device="cpu") as te:
-        embeds = te.encode(prompts).float()
-        negative = te.encode([args.negative]).float()
-    gc.collect()
-    generator, _ = load_dit(args.model, device=device, dtype=dtype)
-    teacher, _ = load_dit(args.teacher, device=device, dtype=dtype)
-    trainer = Trainer(generator, teacher, embeds, negative, settings, dtype=dtype)
+    embeds = negative = None
+    if world.is_main:
+        with load_text_encoder(args.text_encoder, tokenizer=args.tokenizer, device="cpu") as te:
+            embeds = te.encode(prompts).float()
+            negative = te.encode([args.negative]).float()
+        gc.collect()
+    embeds, negative = world.broadcast_object((embeds, negative))
+    load_to = torch.device("cpu") if args.shard_base else device  # sharding moves each rank's part to the device
+    generator, _ = load_dit(args.model, device=load_to, dtype=dtype)
+    teacher, _ = load_dit(args.teacher, device=load_to, dtype=dtype)
+    if args.shard_base:
+        shard_frozen_base(generator, world, device)
+        shard_frozen_base(teacher, world, device)
+    trainer = Trainer(generator, teacher, embeds, negative, settings, dtype=dtype, world=world)
+    if world.size > 1:
+        log(f"{world.size} processes x batch {settings.batch} x accumulation {settings.grad_accum} = "
+            f"{world.size * settings.batch * settings.grad_accum} samples per step"
+            + (", base weights sharded (FSDP2)" if args.shard_base else ""))
     with StopSignals(defer=True) as stop:  # a signal stops training at the end of the iteration
         try:
             result = run_session(trainer, checkpoint, args.output, resume=args.resume,
@@ -175,7 +205,12 @@ def progress_line(info: dict) -> str:
 
 def main(args) -> int:
     with StopSignals():  # while loading: stop at once, nothing written
-        result = run(args)
+        if launched_by_torchrun():  # a failing rank's traceback reaches torchrun's failure summary
+            from torch.distributed.elastic.multiprocessing.errors import record
+
+            result = record(run)(args)
+        else:
+            result = run(args)
     if not result["finished"]:
         sig = signal.Signals[result["stopped"] or "SIGINT"]
         print(f"stopped by {sig.name} at iteration {result['iteration']}/{args.iterations}: checkpoint "

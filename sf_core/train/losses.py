@@ -6,6 +6,8 @@ DMD on a whole generated video x [B, C, F, H, W] (normalised latents):
     fake = critic(x_t)
     grad = (fake - real) / mean|x - real|        (per sample)
     loss = 0.5 * mse(x, stopgrad(x - grad))      -> d loss / dx is proportional to grad
+The loss is computed as 0.5 * mean(((x - stopgrad(x)) + grad)^2): the same value and gradient, without
+subtracting two nearly equal numbers (x and x - grad), so the gradient is exact in any dtype.
 The critic (fake score) learns the generator's distribution with a flow-matching loss on no-grad rollouts.
 """
 
@@ -16,6 +18,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from .. import noise
+from ..noise import Generators
 from ..schedule import FlowSchedule, add_noise, frame_sigma, shift_sigma
 
 # f(x_t [B,C,F,H,W], t [B,F]) -> x0 prediction [B,C,F,H,W]
@@ -24,17 +28,18 @@ Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 MIN_T, MAX_T = 20.0, 980.0
 
 
-def sample_timesteps(batch: int, frames: int, generator: torch.Generator, shift: float = 5.0,
+def sample_timesteps(batch: int, frames: int, generator: Generators, shift: float = 5.0,
                      device="cpu") -> torch.Tensor:
-    """One timestep per sample, shared by its frames: uniform in [0, 1000), shifted, clamped. -> [B, F]."""
-    u = torch.randint(0, 1000, (batch,), generator=generator, device=generator.device).float() / 1000.0
+    """One timestep per sample, shared by its frames: uniform in [0, 1000), shifted, clamped. -> [B, F].
+    generator: one, or one per sample."""
+    u = noise.randint(1000, batch, generator).float() / 1000.0
     t = (shift_sigma(u, shift) * 1000.0).clamp(MIN_T, MAX_T)
     return t[:, None].expand(batch, frames).to(device)
 
 
-def noisy(x: torch.Tensor, t: torch.Tensor, generator: torch.Generator, schedule: FlowSchedule):
+def noisy(x: torch.Tensor, t: torch.Tensor, generator: Generators, schedule: FlowSchedule):
     """x_t, eps, sigma [B,1,F,1,1] for timesteps t [B, F] (sigma of the nearest grid timestep)."""
-    eps = torch.randn(x.shape, generator=generator, device=generator.device, dtype=torch.float32).to(x.device)
+    eps = noise.randn(x.shape, generator).to(x.device)
     sigma = frame_sigma(schedule.sigmas_of(t))
     return add_noise(x, eps, sigma), eps, sigma
 
@@ -51,7 +56,7 @@ def dmd_loss(
     teacher_cond: Denoiser,
     teacher_uncond: Denoiser,
     critic: Denoiser,
-    generator: torch.Generator,
+    generator: Generators,
     schedule: FlowSchedule,
     guidance: float = 3.0,
 ) -> tuple[torch.Tensor, dict]:
@@ -65,14 +70,14 @@ def dmd_loss(
         real = cond + guidance * (cond - uncond)
         fake = critic(x_t, t)
         grad = dmd_gradient(x.detach(), real, fake)
-    loss = 0.5 * F.mse_loss(x.float(), (x.detach() - grad).float())
+    loss = 0.5 * ((x - x.detach()).float() + grad.float()).square().mean()
     return loss, {"dmd_t": t[:, 0].detach(), "dmd_grad_norm": grad.norm().detach()}
 
 
 def critic_loss(
     x: torch.Tensor,
     critic_flow: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    generator: torch.Generator,
+    generator: Generators,
     schedule: FlowSchedule,
 ) -> torch.Tensor:
     """Flow-matching loss of the critic on a generated video x (no grad into x): mse(v, eps - x)."""

@@ -36,7 +36,7 @@ def run_session(
     """Train `trainer` to its `settings.iterations`. `interrupts`: exceptions that stop the session at once (from
     `on_step` or mid-iteration) after saving the checkpoint; `should_stop` is asked between iterations."""
     checkpoint = Path(checkpoint)
-    if resume and checkpoint.is_file():
+    if resume and trainer.world.broadcast_object(checkpoint.is_file()):  # rank 0 reads it (see Trainer.resume)
         trainer.resume(checkpoint)
         left = trainer.settings.iterations - trainer.iteration
         log(f"resumed {checkpoint.name} at iteration {trainer.iteration}/{trainer.settings.iterations}"
@@ -58,6 +58,7 @@ def run_session(
         log(f"stopped at iteration {trainer.iteration}; checkpoint {checkpoint.name} saved")
         return SessionResult(trainer.iteration, False, None, history)
     lora = trainer.final_lora()
-    lora.save(output, metadata={**(metadata or {}), "iterations": str(trainer.iteration)})
+    if trainer.world.is_main:  # data-parallel ranks hold the same LoRA: written once
+        lora.save(output, metadata={**(metadata or {}), "iterations": str(trainer.iteration)})
     log(f"saved {Path(output).name} after {trainer.iteration} iterations")
     return SessionResult(trainer.iteration, True, lora, history)

@@ -1,7 +1,7 @@
 """Training checkpoints: read one safely and check it fits the run about to resume from it.
 
 A checkpoint is the dict `Trainer.state_dict()` writes (torch.save, tensors and plain values only):
-iteration, generator_steps, gen_lora, critic_lora, ema, gen_opt, critic_opt, rng, settings.
+iteration, generator_steps, gen_lora, critic_lora, ema, gen_opt, critic_opt, settings, world_size.
 """
 
 from __future__ import annotations
@@ -19,10 +19,9 @@ from ..lora import LoRA
 from ..wan.modules import WanModel
 from ..weights import load_error_reason
 
-STATE_KEYS = ("iteration", "generator_steps", "gen_lora", "critic_lora", "ema", "gen_opt", "critic_opt", "rng",
-              "settings")
+STATE_KEYS = ("iteration", "generator_steps", "gen_lora", "critic_lora", "ema", "gen_opt", "critic_opt", "settings")
 # Settings a resumed run must share with the checkpoint (they fix the LoRA and the rollout shapes).
-FIXED_SETTINGS = ("rank", "alpha", "latent_frames", "latent_height", "latent_width", "frames_per_chunk", "batch")
+FIXED_SETTINGS = ("rank", "alpha", "latent_frames", "latent_height", "latent_width", "frames_per_chunk")
 
 
 def read_state(path: str | os.PathLike) -> dict:
@@ -62,7 +61,7 @@ def expected_lora_shapes(config: WanConfig, rank: int, alpha: float | None) -> d
 
 
 def check_state(state: dict, settings, generator: WanConfig | None = None, teacher: WanConfig | None = None,
-                path: str | os.PathLike = "checkpoint") -> None:
+                path: str | os.PathLike = "checkpoint", world_size: int = 1) -> None:
     """Raise SelfForcingError unless `state` can resume a run of `settings` (TrainSettings) on models of
     these configs: same fixed settings, LoRA tensors of the same names and shapes."""
     mine = dataclasses.asdict(settings)
@@ -72,6 +71,16 @@ def check_state(state: dict, settings, generator: WanConfig | None = None, teach
                 f"cannot resume from {path}: it was trained with {key}={state['settings'].get(key)}, this run has "
                 f"{mine[key]}; resume with the same settings, or start afresh (overwrite, or remove the checkpoint)"
             )
+    # Randomness is keyed by the global sample index, so any split of the same samples per step continues the
+    # same run: 2 processes x batch 1 resume as 1 process x batch 2 and the other way round.
+    ranks, batch = state.get("world_size", 1), state["settings"].get("batch")
+    if ranks * batch != world_size * settings.batch:
+        raise SelfForcingError(
+            f"cannot resume from {path}: it was trained with {ranks} process(es) x batch {batch} = {ranks * batch} "
+            f"samples per step, this run has {world_size} x batch {settings.batch} = {world_size * settings.batch}; "
+            f"resume with processes x batch = {ranks * batch} (e.g. set the per-process batch to that number divided "
+            "by the process count)"
+        )
     for name, config in (("gen_lora", generator), ("critic_lora", teacher)):
         if config is None:
             continue

@@ -6,6 +6,11 @@ Only LoRA tensors train; the handed-in models are restored by `close()`.
 
 One iteration: a critic step on a no-grad rollout; every `critic_ratio` iterations (starting with the
 first) a generator step first: rollout with one random exit step shared by all chunks -> DMD loss.
+
+Randomness is a function of (seed, iteration, step kind, global sample index): sample j of an optimiser step
+has its own generator (prompt choice, rollout noise, DMD/critic timesteps and noise), and the exit step is
+keyed by (seed, iteration, step kind, accumulation step). So a run is the same whatever its split into
+processes x per-process batch (`world`, see `distributed`), and resuming needs no generator state.
 """
 
 from __future__ import annotations
@@ -20,12 +25,14 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .. import noise
 from ..errors import SelfForcingError
 from ..io import atomic_path, check_writable
 from ..lora import LoRA
 from ..schedule import SELF_FORCING_STEPS, FlowSchedule, frame_sigma
 from ..stream import Stream, StreamSettings
 from ..wan.forward import WanBackbone, infer_config
+from .distributed import World
 from .losses import critic_loss, dmd_loss
 from .state import check_state, read_state
 
@@ -75,6 +82,9 @@ class Trainer:
 
     prompts: text embeddings [N, Lt, text_dim] (encoded once; the text encoder can be freed).
     negative: [1, Lt, text_dim] embedding of the negative prompt (the teacher's unconditional branch).
+    world: this process's place among data-parallel ranks (default: a single process). Each rank rolls out
+    `settings.batch` samples; gradients are averaged over ranks, so one optimiser step sees
+    world.size x batch x grad_accum samples.
     """
 
     def __init__(
@@ -86,8 +96,10 @@ class Trainer:
         settings: TrainSettings = TrainSettings(),
         *,
         dtype: torch.dtype | None = None,
+        world: World | None = None,
     ):
         s = self.settings = settings
+        self.world = world or World()
         gcfg, tcfg = infer_config(generator_model), infer_config(teacher_model)
         if gcfg.in_dim != tcfg.in_dim or gcfg.out_dim != tcfg.out_dim:
             raise SelfForcingError(
@@ -102,10 +114,10 @@ class Trainer:
             raise SelfForcingError(f"prompt embeddings must be {gcfg.text_dim} wide for this model")
         gcfg.tokens_per_frame(s.latent_height, s.latent_width)  # size check before any work
 
-        self.rng = torch.Generator(device="cpu").manual_seed(s.seed)
+        init = torch.Generator(device="cpu").manual_seed(s.seed)  # the same LoRA initialisation on every rank
         self.generator_model, self.teacher_model = generator_model, teacher_model
-        self.gen_lora = LoRA.inject(generator_model, s.rank, s.alpha, generator=self.rng)
-        self.critic_lora = LoRA.inject(teacher_model, s.rank, s.alpha, generator=self.rng)
+        self.gen_lora = LoRA.inject(generator_model, s.rank, s.alpha, generator=init)
+        self.critic_lora = LoRA.inject(teacher_model, s.rank, s.alpha, generator=init)
         self.student = WanBackbone(generator_model, gcfg, dtype=dtype, checkpointing=s.checkpointing)
         self.teacher = WanBackbone(teacher_model, tcfg, dtype=dtype, checkpointing=s.checkpointing)
         self.device = self.student.device
@@ -122,16 +134,29 @@ class Trainer:
         self.generator_steps = 0
 
     # ---- pieces ------------------------------------------------------------------------------
-    def _sample_prompts(self) -> torch.Tensor:
-        idx = torch.randint(0, self.prompts.shape[0], (self.settings.batch,), generator=self.rng)
+    def sample_generators(self, kind: str, micro: int = 0) -> list[torch.Generator]:
+        """One generator per local sample, keyed by (seed, iteration, kind, global sample index). The samples
+        of accumulation step `micro` are numbered rank after rank: j = (micro x ranks + rank) x batch + b."""
+        s, w = self.settings, self.world
+        first = (micro * w.size + w.rank) * s.batch
+        return [noise.keyed_generator(s.seed, self.iteration, kind, first + b) for b in range(s.batch)]
+
+    def exit_step(self, kind: str, micro: int = 0) -> int:
+        """One exit step per rollout, shared by all its chunks and by all ranks."""
+        g = noise.keyed_generator(self.settings.seed, self.iteration, kind, "exit", micro)
+        return int(torch.randint(0, len(self.settings.denoising_steps), (1,), generator=g))
+
+    def _sample_prompts(self, generators: list[torch.Generator]) -> torch.Tensor:
+        idx = noise.randint(self.prompts.shape[0], len(generators), generators)
         return self.prompts[idx.to(self.device)]
 
-    def rollout(self, text: torch.Tensor, exit_step: int | None, grad: bool = True) -> torch.Tensor:
+    def rollout(self, text: torch.Tensor, exit_step: int | None, generators: noise.Generators,
+                grad: bool = True) -> torch.Tensor:
         """The inference chunk loop on the generator; returns the video [B, C, F, H, W]."""
         s = self.settings
         stream = Stream(self.student, text, latent_height=s.latent_height, latent_width=s.latent_width,
                         num_frames=s.latent_frames, batch=s.batch, settings=self.stream_settings,
-                        generator=self.rng)
+                        generator=generators)
         return torch.cat([c.latents for c in stream.rollout(exit_step, grad)], dim=2)
 
     def _x0(self, backbone: WanBackbone, prompt, x_t, t):
@@ -143,15 +168,12 @@ class Trainer:
         with self.critic_lora.disabled():
             return self._x0(self.teacher, prompt, x_t, t)
 
-    def _exit_step(self) -> int:
-        """One exit step per rollout, shared by all its chunks."""
-        return int(torch.randint(0, len(self.settings.denoising_steps), (1,), generator=self.rng))
-
-    def generator_loss(self) -> torch.Tensor:
+    def generator_loss(self, micro: int = 0) -> torch.Tensor:
         """Self rollout with one exit step shared by all chunks, then DMD on the whole video."""
-        text = self._sample_prompts()
-        self.last_exit_step = self._exit_step()
-        video = self.rollout(text, self.last_exit_step)
+        gens = self.sample_generators("generator", micro)
+        text = self._sample_prompts(gens)
+        self.last_exit_step = self.exit_step("generator", micro)
+        video = self.rollout(text, self.last_exit_step, gens)
         with torch.no_grad():
             with self.critic_lora.disabled():
                 cond = self.teacher.encode_text(text)
@@ -162,29 +184,34 @@ class Trainer:
             teacher_cond=lambda x_t, t: self._teacher_x0(cond, x_t, t),
             teacher_uncond=lambda x_t, t: self._teacher_x0(uncond, x_t, t),
             critic=lambda x_t, t: self._x0(self.teacher, fake_prompt, x_t, t),
-            generator=self.rng,
+            generator=gens,
             schedule=self.schedule,
             guidance=self.settings.guidance,
         )
         return loss
 
-    def critic_loss(self) -> torch.Tensor:
+    def critic_loss(self, micro: int = 0) -> torch.Tensor:
         """Flow matching of the critic (teacher base + critic LoRA) on a no-grad generator rollout that exits
         at a random step too: the critic models the very samples DMD corrects."""
-        text = self._sample_prompts()
+        gens = self.sample_generators("critic", micro)
+        text = self._sample_prompts(gens)
         with torch.no_grad():
-            video = self.rollout(text, self._exit_step(), grad=False)
+            video = self.rollout(text, self.exit_step("critic", micro), gens, grad=False)
         prompt = self.teacher.encode_text(text)
-        return critic_loss(video, lambda x_t, t: self.teacher(x_t, t, prompt), self.rng, self.schedule)
+        return critic_loss(video, lambda x_t, t: self.teacher(x_t, t, prompt), gens, self.schedule)
 
-    def _update(self, loss_fn: Callable[[], torch.Tensor], lora: LoRA, opt: torch.optim.Optimizer) -> float:
+    def _update(self, loss_fn: Callable[[int], torch.Tensor], lora: LoRA, opt: torch.optim.Optimizer) -> float:
+        """One optimiser step over grad_accum x batch samples per rank; gradients and the reported loss are
+        averaged over the ranks (one all-reduce), so every rank takes the same step."""
         opt.zero_grad(set_to_none=True)
-        total = 0.0
-        for _ in range(self.settings.grad_accum):
-            loss = loss_fn() / self.settings.grad_accum
+        total = torch.zeros((), device=self.device)
+        for micro in range(self.settings.grad_accum):
+            loss = loss_fn(micro) / self.settings.grad_accum
             loss.backward()
-            total += loss.detach()
-        torch.nn.utils.clip_grad_norm_(lora.parameters(), self.settings.grad_clip)
+            total += loss.detach().float()
+        params = list(lora.parameters())
+        total = self.world.average_gradients(params, total)
+        torch.nn.utils.clip_grad_norm_(params, self.settings.grad_clip)
         opt.step()
         return float(total)  # one host sync per optimiser step, for the progress report
 
@@ -222,7 +249,7 @@ class Trainer:
     ) -> list[dict]:
         """Run until `settings.iterations`; checkpoint every `save_every` and when stopped early."""
         history = []
-        if checkpoint is not None:
+        if checkpoint is not None and self.world.is_main:
             check_writable(checkpoint)
         while self.iteration < self.settings.iterations:
             if should_stop is not None and should_stop():
@@ -251,12 +278,12 @@ class Trainer:
             "ema": None if self.ema is None else self.ema.state_dict(),
             "gen_opt": self.gen_opt.state_dict(),
             "critic_opt": self.critic_opt.state_dict(),
-            "rng": self.rng.get_state(),
             "settings": dataclasses.asdict(self.settings),
+            "world_size": self.world.size,
         }
 
     def load_state_dict(self, state: dict) -> None:
-        check_state(state, self.settings, path="this checkpoint")
+        check_state(state, self.settings, path="this checkpoint", world_size=self.world.size)
         self.gen_lora.load_state_dict(state["gen_lora"])
         self.critic_lora.load_state_dict(state["critic_lora"])
         self.gen_opt.load_state_dict(state["gen_opt"])
@@ -265,17 +292,20 @@ class Trainer:
         if state["ema"] is not None:
             self.ema = copy.deepcopy(self.gen_lora).requires_grad_(False)
             self.ema.load_state_dict(state["ema"])
-        self.rng.set_state(state["rng"])
         self.iteration, self.generator_steps = state["iteration"], state["generator_steps"]
 
     def save_checkpoint(self, path: str | Path) -> None:
-        with atomic_path(path) as tmp:
-            torch.save(self.state_dict(), tmp)
+        """Written once, by rank 0, atomically; every rank waits until it is in place."""
+        if self.world.is_main:
+            with atomic_path(path) as tmp:
+                torch.save(self.state_dict(), tmp)
+        self.world.barrier()
 
     def resume(self, path: str | Path) -> None:
-        """Continue from a checkpoint (the learning rates of these settings apply from here on)."""
-        state = read_state(path)  # CPU tensors only; the optimizers move their state
-        check_state(state, self.settings, path=path)
+        """Continue from a checkpoint (the learning rates of these settings apply from here on). Rank 0 reads
+        it and hands it to the others, so only rank 0 needs to see the file."""
+        state = self.world.broadcast_object(read_state(path) if self.world.is_main else None)  # CPU tensors
+        check_state(state, self.settings, path=path, world_size=self.world.size)
         self.load_state_dict(state)
         for opt, lr in ((self.gen_opt, self.settings.lr), (self.critic_opt, self.settings.critic_lr)):
             for group in opt.param_groups:
