@@ -30,6 +30,7 @@ from .sources import EncodedVideo, LatentVideo, frame_batches
 from .stream import Stream
 from .text import inspect_text_encoder, load_text_encoder
 from .timing import Laps, device_name, median, peak_memory, reset_peak, rss_mb, synchronize
+from .train.distributed import init_world
 from .train.trainer import TrainSettings, Trainer
 from .vae import TAEHV, TAEHVConfig, WanVAE, WanVAEConfig
 from .errors import SelfForcingError
@@ -211,21 +212,22 @@ def _input_video(args, latent_frames: int, h: int, w: int, device, dtype):
 
 # ---- training steps ---------------------------------------------------------------------------
 def run_train(args) -> dict:
-    """Seconds per generator step and per critic step of the DMD trainer on random-weight models."""
-    device = torch.device(args.device)
+    """Seconds per generator step and per critic step of the DMD trainer on random-weight models (under
+    torchrun: data-parallel over the ranks, --batch samples each; the figures are rank 0's)."""
+    world, device = init_world(args.device)
     dtype = compute_dtype(args.dtype, device)
     cfg = WanConfig.preset(args.config)
     h, w = latent_size_for(args.height, args.width)
     settings = TrainSettings(rank=args.rank, latent_frames=args.chunks * args.frames_per_chunk, latent_height=h,
                              latent_width=w, frames_per_chunk=args.frames_per_chunk,
-                             checkpointing=not args.no_checkpointing, ema=None)
+                             checkpointing=not args.no_checkpointing, ema=None, batch=args.batch)
     text = torch.randn(2, cfg.text_len, cfg.text_dim) * 0.1
     trainer = Trainer(random_dit(cfg, device, dtype), random_dit(cfg, device, dtype), text, text[:1], settings,
-                      dtype=dtype)
+                      dtype=dtype, world=world)
     reset_peak(device)
     out = {"config": args.config, "device": str(device), "dtype": str(dtype).replace("torch.", ""),
            "size": f"{args.width}x{args.height}", "latent_frames": settings.latent_frames, "rank": args.rank,
-           "checkpointing": settings.checkpointing}
+           "checkpointing": settings.checkpointing, "processes": world.size, "batch_per_process": args.batch}
     for name, loss, lora, opt in (("generator", trainer.generator_loss, trainer.gen_lora, trainer.gen_opt),
                                   ("critic", trainer.critic_loss, trainer.critic_lora, trainer.critic_opt)):
         synchronize(device)
@@ -236,7 +238,8 @@ def run_train(args) -> dict:
         out[f"seconds_per_{name}_step"] = round(median(laps.times[args.warmup:]), 4)
     out.update(peak_memory(device))
     trainer.close()
-    return out
+    world.close()
+    return out if world.is_main else None
 
 
 # ---- streaming decode -------------------------------------------------------------------------
@@ -347,5 +350,7 @@ def main(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     run = run_train if args.train else run_decode if args.decode else run_text_load if args.text_encoder else run_stream
-    print(json.dumps(run(args), indent=1))
+    out = run(args)
+    if out is not None:  # None: a data-parallel rank other than 0
+        print(json.dumps(out, indent=1))
     return 0
