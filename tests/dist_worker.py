@@ -1,12 +1,13 @@
 """torchrun entry for the distributed tests: `python -m sf_core ...` with a planted failure on one rank.
 
-SF_TEST_FAIL="<rank>:<iteration>:<kill|raise>" makes that rank, when it is about to run that iteration,
-kill itself with SIGKILL (a crash with no cleanup) or raise an exception.
+SF_TEST_FAIL="<rank>:<iteration>:<kill|raise|hang>" makes that rank, when it is about to run that iteration,
+kill itself with SIGKILL (a crash with no cleanup), raise an exception, or stop answering (sleep).
 """
 
 import os
 import signal
 import sys
+import time
 
 from sf_core.train.trainer import Trainer
 
@@ -20,6 +21,8 @@ if spec:
             if self.iteration == int(iteration):
                 if how == "kill":
                     os.kill(os.getpid(), signal.SIGKILL)
+                if how == "hang":
+                    time.sleep(3600)
                 raise RuntimeError(f"planted failure on rank {rank} at iteration {iteration}")
             return step(self)
 

@@ -148,6 +148,16 @@ def test_a_failing_rank_stops_the_job_with_its_error(files, tmp_path):
     assert not (tmp_path / "f.safetensors").exists()
 
 
+def test_a_rank_that_stops_answering_fails_the_job_after_the_timeout(files, tmp_path):
+    """Rank 1 sleeps instead of running iteration 2: rank 0 waits in the all-reduce for --dist-timeout seconds,
+    then fails, and torchrun ends the job (the subprocess timeout would catch a hang)."""
+    res = _torchrun(_argv(files, tmp_path / "f.safetensors", "--dist-timeout", "5"),
+                    script=ROOT / "tests" / "dist_worker.py", env_extra={"SF_TEST_FAIL": "1:1:hang"}, timeout=120)
+    assert res.returncode != 0
+    assert "timed out waiting 5000ms" in (res.stdout + res.stderr).lower()
+    assert not (tmp_path / "f.safetensors").exists()
+
+
 def test_shard_base_without_torchrun_is_refused_before_work(files, tmp_path):
     with pytest.raises(SelfForcingError, match="torchrun --nproc_per_node"):
         run(build_parser().parse_args(_argv(files, tmp_path / "l.safetensors", "--shard-base")))

@@ -65,7 +65,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--width", type=int, default=832)
     p.add_argument("--height", type=int, default=480)
     p.add_argument("--frames-per-chunk", type=int, default=3)
-    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--batch", type=int, default=1, help="videos per step (per process under torchrun)")
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--ema", type=float, default=0.99, help="EMA decay of the LoRA (0 disables)")
     p.add_argument("--ema-start", type=int, default=200)
