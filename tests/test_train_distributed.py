@@ -42,12 +42,12 @@ def files(tmp_path_factory):
     }
 
 
-def _argv(f, out, *extra, iterations=3, batch=1) -> list[str]:
+def _argv(f, out, *extra, iterations=3, batch=1, checkpointing=False) -> list[str]:
     return ["train", "--model", str(f["model"]), "--teacher", str(f["teacher"]), "--text-encoder", str(f["te"]),
             "--prompts", str(f["prompts"]), "--output", str(out), "--iterations", str(iterations), "--rank", "4",
             "--frames", "9", "--width", "16", "--height", "16", "--frames-per-chunk", "1", "--critic-ratio", "2",
             "--ema", "0.5", "--ema-start", "1", "--save-every", "2",
-            "--batch", str(batch), "--no-checkpointing", "--device", "cpu", *extra]
+            "--batch", str(batch), "--device", "cpu", *extra] + ([] if checkpointing else ["--no-checkpointing"])
 
 
 def _torchrun(argv, *, script=None, env_extra=None, timeout=TIMEOUT):
@@ -134,7 +134,7 @@ def test_kill_and_resume_under_torchrun_equals_the_uninterrupted_run(files, two_
 def test_fsdp2_sharded_base_equals_replicated_base(files, two_ranks):
     out, _ = two_ranks
     sharded = files["dir"] / "fsdp.safetensors"
-    res = _torchrun(_argv(files, sharded, "--shard-base"))
+    res = _torchrun(_argv(files, sharded, "--shard-base", checkpointing=True))  # with gradient checkpointing too
     assert res.returncode == 0, res.stdout + res.stderr
     assert "base weights sharded (FSDP2)" in res.stdout
     assert _max_diff(*_loras(out, sharded)) <= 1e-5
