@@ -1,7 +1,7 @@
 """torchrun entry for the distributed tests: `python -m sf_core ...` with a planted failure on one rank.
 
-SF_TEST_FAIL="<rank>:<iteration>:<kill|raise|hang>" makes that rank, when it is about to run that iteration,
-kill itself with SIGKILL (a crash with no cleanup), raise an exception, or stop answering (sleep).
+SF_TEST_FAIL="<rank>:<iteration>:<kill|hang>" makes that rank, when it is about to run that iteration,
+kill itself with SIGKILL (a crash with no cleanup) or stop answering (sleep).
 """
 
 import os
@@ -21,9 +21,7 @@ if spec:
             if self.iteration == int(iteration):
                 if how == "kill":
                     os.kill(os.getpid(), signal.SIGKILL)
-                if how == "hang":
-                    time.sleep(3600)
-                raise RuntimeError(f"planted failure on rank {rank} at iteration {iteration}")
+                time.sleep(3600)
             return step(self)
 
         Trainer.train_step = failing_step
