@@ -47,8 +47,9 @@ logger = logging.getLogger(__name__)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="Self Forcing / Wan2.1 DiT file (any layout) or diffusers folder")
-    p.add_argument("--text-encoder", required=True, help="UMT5-XXL file (ComfyUI or Wan layout)")
+    p.add_argument("--model", default=None, help="Self Forcing / Wan2.1 DiT file (any layout) or diffusers folder "
+                   "(with no model flags at all, the embedded toy models are used)")
+    p.add_argument("--text-encoder", default=None, help="UMT5-XXL file (ComfyUI or Wan layout)")
     p.add_argument("--tokenizer", default=None, help="sentencepiece model or tokenizer folder, if the file has none")
     p.add_argument("--vae", default=None, help="Wan2.1 VAE file (needed for --decoder wan)")
     p.add_argument("--taehv", default=None, help="TAEHV taew2_1.pth (needed for --decoder taehv)")
@@ -104,9 +105,35 @@ def _video_frames(args) -> int:
     return 81 if args.frames is None else args.frames
 
 
-def preflight(args) -> dict:
+MODEL_FLAGS = ("model", "text_encoder", "tokenizer", "vae", "taehv")
+
+
+def resolve_models(args, log=print) -> None:
+    """No model flags at all: the embedded toy models, with their size (64x64), schedule (shift 1) and a rolling
+    window of their trained length in place of the defaults. Otherwise --model and --text-encoder are needed."""
+    if any(getattr(args, f) is not None for f in MODEL_FLAGS):
+        missing = [f"--{f.replace('_', '-')}" for f in ("model", "text_encoder") if getattr(args, f) is None]
+        if missing:
+            raise SelfForcingError(f"{' and '.join(missing)} needed when other model files are given (or give no "
+                                   "model flags at all to use the embedded toy models)")
+        return
+    from .toy.models import REAL_WEIGHTS_HINT, check_shipped, toy_defaults
+
+    files = check_shipped()
+    args.model, args.text_encoder, args.taehv = str(files["dit"]), str(files["text_encoder"]), str(files["autoencoder"])
+    toy = toy_defaults()
+    args.decoder = "taehv"
+    args.width, args.height = args.width or toy["width"], args.height or toy["height"]
+    for key, default in (("shift", 5.0), ("window", 0), ("sink", 0)):
+        if getattr(args, key) == default:  # the real models' default: the toy models' own applies
+            setattr(args, key, toy[key])
+    log(f"embedded toy models (a 64x64 procedural world of coloured shapes) from {files['dit'].parent}; {REAL_WEIGHTS_HINT}")
+
+
+def preflight(args, log=print) -> dict:
     """All checks that need no heavy work (values, paths, what each file is, memory), before any file is
     created. Returns the plan (sizes, timeline texts, device)."""
+    resolve_models(args, log)
     device = pf.check_device(args.device)
     pf.check_device(args.text_device, "--text-device")
     pf.check_attention(args.attn, device)
@@ -257,7 +284,7 @@ def _read_stdin(inbox: PromptInbox, log) -> None:
 
 
 def run(args, log=print) -> dict:
-    plan = preflight(args)
+    plan = preflight(args, log)
     device = plan["device"]
     dtype = compute_dtype(args.dtype, device)
     timeline, te = encode_timeline(args, plan["timeline"], keep=args.interactive)

@@ -16,13 +16,17 @@ the stream runs, from a `PromptInbox` (sf_core.steering); every applied change i
 Training uses the same loop through `rollout(exit_step)`: steps before the exit step run without grad,
 the exit step runs with grad and ends the chunk, and the clean pass writes the cache without grad, so no
 gradient crosses the cache.
+
+What the clean pass writes is the generated chunk (Self Forcing). A `context` source can put other frames
+there instead: ground-truth latents (Teacher Forcing), ground truth noised to a level per chunk (Diffusion
+Forcing); see `sf_core.train.context`.
 """
 
 from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 
@@ -38,6 +42,9 @@ from .wan.forward import PromptKV, WanBackbone
 
 SWITCH_MODES = ("recache", "cut")
 CONTEXT_SOURCES = ("generated", "input")
+
+# context(start, generated [B, C, n, h, w]) -> (latents [B, C, n, h, w], timesteps [B, n]) for the clean pass
+ContextSource = Callable[[int, torch.Tensor], "tuple[torch.Tensor, torch.Tensor]"]
 
 
 @dataclass(frozen=True)
@@ -180,6 +187,8 @@ class Stream:
     frames [B, 16, P, h, w] (normalised) that enter the cache first (image-to-video, continuation).
     video: the input of video-to-video, a LatentSource (sf_core.sources) or normalised latents [B, 16, T, h, w];
     the stream ends where the input ends. inbox: a PromptInbox for prompt changes while the stream runs.
+    context_source: what the clean pass writes into the cache for each generated chunk (default: the chunk
+    itself at t = 0; Teacher / Diffusion Forcing give ground truth, see sf_core.train.context).
     """
 
     def __init__(
@@ -196,8 +205,10 @@ class Stream:
         prefix: torch.Tensor | None = None,
         video: LatentSource | torch.Tensor | None = None,
         inbox: PromptInbox | None = None,
+        context_source: ContextSource | None = None,
     ):
         cfg = backbone.config
+        self.context_source = context_source
         self.backbone, self.settings = backbone, settings
         self.timeline = prompts if isinstance(prompts, PromptTimeline) else PromptTimeline.single(prompts)
         self.batch = batch
@@ -428,10 +439,15 @@ class Stream:
         return x0
 
     @torch.no_grad()
-    def _write_clean(self, start: int, x0: torch.Tensor, prompt: PromptKV) -> None:
-        """The clean-context forward: the chunk's K/V at t = 0 enter the cache for later chunks."""
+    def _write_clean(self, start: int, x0: torch.Tensor, prompt: PromptKV, own: bool = True) -> None:
+        """The clean-context forward: the chunk's K/V at t = 0 enter the cache for later chunks (or, with a
+        context source, the frames and timesteps it gives for them; `own` False for prefix frames)."""
         count = x0.shape[2]
-        t = torch.zeros(self.batch, count, device=self.backbone.device)
+        if own and self.context_source is not None:
+            x0, t = self.context_source(start, x0)
+            t = t.to(self.backbone.device, torch.float32)
+        else:
+            t = torch.zeros(self.batch, count, device=self.backbone.device)
         self.backbone(x0, t, prompt, range(start, start + count), self.cache.write_plan(start, count))
         self.cache.store_latents(start, x0)
 
@@ -441,7 +457,7 @@ class Stream:
         first = p % n or n  # e.g. a single image frame, then chunk-sized blocks
         start = 0
         for size in [first] + [n] * ((p - first) // n):
-            self._write_clean(start, self.prefix[:, :, start : start + size], prompt)
+            self._write_clean(start, self.prefix[:, :, start : start + size], prompt, own=False)
             start += size
 
     @torch.no_grad()

@@ -60,7 +60,7 @@ def test_objects_stay_on_screen_on_long_videos():
 
 
 def test_scene_from_caption_and_bad_input():
-    s = world.scene_from_caption("a red circle moves left and a blue diamond orbits on a tiled floor, the camera pans right", 5)
+    s = world.scene_from_caption("a red circle moves left and a blue diamond orbits on a tiled floor while the camera pans right", 5)
     assert [o.colour for o in s.objects] == ["red", "blue"] and s.pan == "right" and s.background == "tiled"
     with pytest.raises(SelfForcingError, match="colour"):
         ObjectSpec("pink", "circle", "still")

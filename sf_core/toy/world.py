@@ -101,7 +101,7 @@ def caption(scene: Scene) -> str:
     text = " and ".join(object_phrase(o) for o in scene.objects)
     text += " on a tiled floor" if scene.background == "tiled" else f" on a {scene.background} background"
     if scene.pan:
-        text += f", the camera pans {scene.pan}"
+        text += f" while the camera pans {scene.pan}"
     return text
 
 
@@ -112,8 +112,8 @@ def parse_caption(text: str) -> tuple[list[tuple[str, str, str]], str, str | Non
     """Inverse of `caption`: ([(colour, shape, motion), ...], background, pan). Raises on other text."""
     s = text.strip().rstrip(".").lower()
     pan = None
-    if ", the camera pans " in s:
-        s, pan = s.split(", the camera pans ")
+    if " while the camera pans " in s:
+        s, pan = s.split(" while the camera pans ")
     if s.endswith(" on a tiled floor"):
         s, bg = s[: -len(" on a tiled floor")], "tiled"
     elif " on a " in s and s.endswith(" background"):
@@ -260,15 +260,22 @@ def states(scenes: list[Scene], frames: int, start: int = 0) -> Truth:
                  size=size, present=tab["present"], background=tab["bg"], pan=pan)
 
 
-def _coverage(shape: torch.Tensor, dx: torch.Tensor, dy: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """Anti-aliased coverage in [0, 1] of each shape, from an approximate signed distance (pixels)."""
-    circle = torch.sqrt(dx * dx + dy * dy) - s
-    square = torch.maximum(dx.abs(), dy.abs()) - 0.85 * s
-    diamond = (dx.abs() + dy.abs()) / math.sqrt(2) - 0.85 * s
-    R = 1.3 * s  # equilateral triangle pointing up, circumradius R, centroid at the centre
-    tri = torch.maximum(torch.maximum(dy, 0.866 * dx - 0.5 * dy), -0.866 * dx - 0.5 * dy) - R / 2
-    d = torch.where(shape == 0, circle, torch.where(shape == 1, square, torch.where(shape == 2, tri, diamond)))
-    return (0.5 - d).clamp(0.0, 1.0)
+def _distance(shape: int, dx: torch.Tensor, dy: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """Approximate signed distance (pixels, negative inside) of one shape of half extent s, centred at 0."""
+    name = SHAPES[shape]
+    if name == "circle":
+        return torch.sqrt(dx * dx + dy * dy) - s
+    if name == "square":
+        return torch.maximum(dx.abs(), dy.abs()) - 0.85 * s
+    if name == "diamond":
+        return (dx.abs() + dy.abs()) / math.sqrt(2) - 0.85 * s
+    # equilateral triangle pointing up, circumradius 1.3 s, centroid at the centre
+    return torch.maximum(torch.maximum(dy, 0.866 * dx - 0.5 * dy), -0.866 * dx - 0.5 * dy) - 0.65 * s
+
+
+def coverage(shape: int, dx: torch.Tensor, dy: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """Anti-aliased coverage in [0, 1] of one shape at offsets (dx, dy) from its centre (broadcast together)."""
+    return (0.5 - _distance(shape, dx, dy, s)).clamp(0.0, 1.0)
 
 
 def render(scenes: list[Scene], frames: int, start: int = 0, size: int = SIZE) -> tuple[torch.Tensor, Truth]:
@@ -278,18 +285,20 @@ def render(scenes: list[Scene], frames: int, start: int = 0, size: int = SIZE) -
     truth = states(scenes, frames, start)
     B, T, K = truth.size.shape
     grid = torch.arange(SIZE, dtype=torch.float32) + 0.5
-    px, py = grid.view(1, 1, 1, 1, -1), grid.view(1, 1, 1, -1, 1)
     half = SIZE / 2
-    # toroidal offsets from each object centre, [B, T, K, H, W]
-    dx = torch.remainder(px - truth.centre[..., 0, None, None] + half, SIZE) - half
-    dy = torch.remainder(py - truth.centre[..., 1, None, None] + half, SIZE) - half
-    cov = _coverage(truth.shape.view(B, 1, K, 1, 1), dx, dy, truth.size[..., None, None])
-    cov = cov * truth.present.view(B, 1, K, 1, 1)
+    cov = torch.zeros(B, T, K, SIZE, SIZE)
+    for k in range(len(SHAPES)):  # each shape drawn only for the objects that have it
+        b, j = torch.nonzero(truth.present & (truth.shape == k), as_tuple=True)
+        if b.numel():
+            c = truth.centre[b, :, j]  # [N, T, 2]; toroidal offsets from the centre
+            dx = torch.remainder(grid.view(1, 1, 1, -1) - c[..., 0, None, None] + half, SIZE) - half
+            dy = torch.remainder(grid.view(1, 1, -1, 1) - c[..., 1, None, None] + half, SIZE) - half
+            cov[b, :, j] = coverage(k, dx, dy, truth.size[b, :, j][..., None, None])
     # background: checker shifted by the pan
     bg_a = torch.tensor([BACKGROUNDS[n][0] for n in BACKGROUND_NAMES])[truth.background]  # [B, 3]
     bg_b = torch.tensor([BACKGROUNDS[n][1] for n in BACKGROUND_NAMES])[truth.background]
-    ix = torch.floor(torch.remainder(px.view(1, 1, 1, -1) - truth.pan.view(B, T, 1, 1), SIZE) / TILE)
-    iy = torch.floor(py.view(1, 1, -1, 1) / TILE)
+    ix = torch.floor(torch.remainder(grid.view(1, 1, 1, -1) - truth.pan.view(B, T, 1, 1), SIZE) / TILE)
+    iy = torch.floor(grid.view(1, 1, -1, 1) / TILE)
     checker = torch.remainder(ix + iy, 2).unsqueeze(2)  # [B, T, 1, H, W]
     img = bg_a.view(B, 1, 3, 1, 1) * (1 - checker) + bg_b.view(B, 1, 3, 1, 1) * checker
     palette = torch.tensor(list(COLOURS.values()))

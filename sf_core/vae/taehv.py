@@ -238,6 +238,19 @@ class TAEHV(VideoAutoencoder):
         _, c, lh, lw = y.shape
         return y.reshape(b, -1, c, lh, lw).permute(0, 2, 1, 3, 4)
 
+    def encode_with_grad(self, video: torch.Tensor) -> torch.Tensor:
+        """`encode_normalized` without its no-grad guard and checks (training the encoder)."""
+        stride, t = self.encoder_time_stride, video.shape[2]
+        x = video.to(self.device, self.dtype)
+        if t % stride:
+            x = torch.cat([x, x[:, :, -1:].expand(-1, -1, stride - t % stride, -1, -1)], dim=2)
+        return self._encode_frames(x, None)
+
+    def decode_with_grad(self, z: torch.Tensor) -> torch.Tensor:
+        """Normalised z [B, 16, t, h, w] -> [B, 3, 1 + 4(t - 1), 8h, 8w] in ~[-1, 1], differentiable (training)."""
+        y = self._decode_raw(z, None)[:, self.frames_to_trim :]
+        return (y * 2.0 - 1.0).permute(0, 2, 1, 3, 4)
+
     def stream_encoder(self) -> "TAEHVStreamEncoder":
         """A new encoding stream: feed frames as they arrive; see `TAEHVStreamEncoder`."""
         if not self.config.has_encoder:

@@ -1,0 +1,67 @@
+"""The model card of the embedded toy models (written by the recipe's `ship` stage)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .evaluate import markdown_table
+from .models import FILES
+
+
+def model_card(table: dict, state: dict, folder: Path) -> str:
+    sizes = "\n".join(f"| {k} | `{v}` | {(folder / v).stat().st_size / 1e6:.2f} MB |" for k, v in FILES.items())
+    stages = "\n".join(f"| {name} | {rec.get('cpu_s', 0):.0f} | {rec.get('wall_s', 0):.0f} |"
+                       for name, rec in state["stages"].items())
+    return f"""# Toy Self Forcing models (embedded default)
+
+Small models trained in a procedural world with this project's own code paths, so that the pack runs out of the
+box (`python -m sf_core generate --prompt "..." -o demo.mp4`, no downloads) and so that behaviour (prompt switching,
+attention sink, image-to-video, Self Forcing vs Teacher / Diffusion Forcing) can be tested against ground truth.
+They are not a video model of the real world: for real use load the Self Forcing / Wan2.1 weights.
+
+| part | file | size |
+|---|---|---|
+{sizes}
+
+## World
+`sf_core/toy/world.py`: 64x64 pixels, 16 fps, 1-3 coloured shapes (8 colours: red, green, blue, yellow, purple,
+orange, white, cyan; 4 shapes: circle, square, triangle, diamond) on a grey, black or tiled background, each with one
+motion (moves left / right / up / down, bounces, orbits, grows, shrinks, stays still), optionally a camera pan over the
+tiled floor; the screen wraps around (torus). Captions follow a grammar, e.g. "a red circle moves right on a grey
+background". About one (colour, shape, motion) combination in nine is held out of training (`world.held_out`).
+
+## Models (real formats, real loaders)
+- text encoder `{FILES['text_encoder']}`: a 2-layer UMT5 (dim 64, `sf_core.text.UMT5Encoder`), frozen random
+  weights, with a word-level sentencepiece tokenizer trained on the grammar embedded as `spiece_model`
+  (ComfyUI text-encoder layout; `sf_core.text.load_text_encoder`).
+- autoencoder `{FILES['autoencoder']}`: the TAEHV architecture (encoder and decoder, `sf_core.vae.taehv`),
+  16 latent channels, 8x spatial and 4x temporal compression, trained on rendered clips; reads and writes the DiT's
+  normalised latents.
+- DiT `{FILES['dit']}`: Wan2.1 DiT layout (dim 128, 4 layers, 1 head of 128, text dim 64; `sf_core.checkpoints.load_dit`),
+  the causal chunk-wise Self Forcing student: chunks of 3 latent frames, steps 1000/750/500/250, shift 1.
+
+## Recipe (`python -m sf_core.toy.recipe`, resumable, from seeds)
+1. tokenizer and frozen random UMT5; 2. autoencoder on rendered clips; 3. dataset: rendered 33-frame clips encoded
+to latents; 4. teacher: bidirectional Wan DiT, flow matching, 10% caption dropout (empty caption = unconditional);
+5. ODE trajectories of the teacher (Euler, CFG) kept at the student's step timesteps; 6. student: ODE regression
+(block-causal attention, earlier chunks clean in the context); 7. DMD with `sf_core.train.Trainer` (teacher = real
+score, critic = teacher + LoRA) from that student, equal iterations for Self Forcing, Teacher Forcing and Diffusion
+Forcing rollouts; 8. evaluation; 9. ship the Self Forcing student (LoRA merged).
+
+CPU time per stage (seconds, `time.process_time` of the recipe process; wall time on a shared 2-core machine):
+
+| stage | CPU s | wall s |
+|---|---|---|
+{stages}
+
+## Metrics (held-out prompts, detector `sf_core.toy.detect`)
+{len(table['prompts'])} held-out single-object prompts on a grey background, one seed each. "@33": the trained
+length (33 frames); "@4x": every 33-frame window of a {table['long_frames']}-frame rolling-window stream (window
+{table['window']} latent frames, sink {table['sink']}); drift: last window minus first window.
+
+{markdown_table(table)}
+
+## Licence
+Apache-2.0, like the rest of the project. The weights are generated entirely by the recipe from seeds; no external
+data or weights.
+"""

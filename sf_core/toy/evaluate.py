@@ -1,0 +1,96 @@
+"""The paper's Table 2 in miniature: students scored by the detector on held-out prompts, at the trained length and
+on a 4x longer rolling-window stream (window = the trained length, sink = the first chunk).
+
+    python -m sf_core.toy.evaluate --student toy_recipe_state/student_self.safetensors --prompts 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from .detect import detect
+from .diffusion import FRAMES_PER_CHUNK, LATENT_FRAMES
+from .metrics import mean_scores, score, windows
+from .models import MODELS_DIR, Toy
+from .world import held_out_prompts
+
+LONG = 4  # the long stream is this many times the trained length
+TRAINED_FRAMES = 1 + 4 * (LATENT_FRAMES - 1)  # 33 video frames
+
+
+def evaluate_student(toy: Toy, prompts: list[str], seed: int = 0) -> dict:
+    """Mean scores over prompts: 'trained' (33 frames), 'long' (all 33-frame windows of a 4x stream),
+    'long_first' / 'long_last' (its first / last window) and 'drift' (last minus first)."""
+    trained, long_all, first, last = [], [], [], []
+    for i, p in enumerate(prompts):
+        video = toy.generate(p, LATENT_FRAMES, seed=seed + i)
+        trained.append(score(detect(video), p))
+        video = toy.generate(p, LONG * LATENT_FRAMES, seed=seed + i, window=LATENT_FRAMES, sink=FRAMES_PER_CHUNK)
+        parts = windows(detect(video), TRAINED_FRAMES)
+        s = [score(d, p) for d in parts]
+        long_all += s
+        first.append(s[0])
+        last.append(s[-1])
+    out = {"trained": mean_scores(trained), "long": mean_scores(long_all), "long_first": mean_scores(first),
+           "long_last": mean_scores(last)}
+    out["drift"] = {k: out["long_last"][k] - out["long_first"][k] for k in out["trained"]}
+    return out
+
+
+def evaluate_students(students: dict[str, Path], folder: Path = MODELS_DIR, prompts: int = 32, seed: int = 0,
+                      log=print) -> dict:
+    """{name: DiT file} -> {"prompts": [...], "results": {name: evaluate_student(...)}}."""
+    chosen = held_out_prompts()[:prompts]
+    toy = Toy.load(next(iter(students.values())), folder)
+    results = {}
+    for name, path in students.items():
+        from ..checkpoints import load_dit
+        from ..wan.forward import WanBackbone
+
+        toy.backbone = WanBackbone(load_dit(path)[0])
+        with torch.no_grad():
+            results[name] = evaluate_student(toy, chosen, seed)
+        log(f"[evaluate] {name}: {json.dumps(results[name]['trained'])}")
+    return {"prompts": chosen, "seed": seed, "trained_frames": TRAINED_FRAMES,
+            "long_frames": 1 + 4 * (LONG * LATENT_FRAMES - 1), "window": LATENT_FRAMES, "sink": FRAMES_PER_CHUNK,
+            "results": results}
+
+
+METRICS = ("colour", "shape", "motion", "consistency", "on_screen")
+
+
+def markdown_table(table: dict) -> str:
+    """The results as a markdown table: trained length, 4x stream (all windows), drift (last - first window)."""
+    head = "| student | " + " | ".join(f"{m} @33" for m in METRICS[:4]) + " | " + \
+        " | ".join(f"{m} @4x" for m in METRICS[:4]) + " | colour drift | shape drift |"
+    rows = [head, "|" + "---|" * (2 + 8 + 2 - 1)]
+    for name, r in table["results"].items():
+        cells = [f"{r['trained'][m]:.2f}" for m in METRICS[:4]] + [f"{r['long'][m]:.2f}" for m in METRICS[:4]]
+        cells += [f"{r['drift']['colour']:+.2f}", f"{r['drift']['shape']:+.2f}"]
+        rows.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m sf_core.toy.evaluate", description=__doc__.split("\n\n")[0])
+    p.add_argument("--student", action="append", required=True, help="DiT file (repeat); name=path also works")
+    p.add_argument("--prompts", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--models", default=str(MODELS_DIR), help="folder with the toy autoencoder and text encoder")
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    students = dict((s.split("=", 1) if "=" in s else (Path(s).stem, s)) for s in args.student)
+    table = evaluate_students({k: Path(v) for k, v in students.items()}, Path(args.models), args.prompts, args.seed,
+                              log=lambda m: print(m, file=sys.stderr))
+    print(markdown_table(table))
+    print(json.dumps(table))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
