@@ -8,9 +8,10 @@ from .loader import LoadModel
 from .lora import LoadLoRA
 from .sampler import StreamSampler
 from .timeline import PromptTimeline
+from .toy import ToyTextEncode
 from .train import TrainLoRA
 
-NODES = [LoadModel, LoadLoRA, PromptTimeline, StreamSampler, StreamingDecode, Benchmark, TrainLoRA]
+NODES = [LoadModel, LoadLoRA, PromptTimeline, StreamSampler, StreamingDecode, Benchmark, TrainLoRA, ToyTextEncode]
 
 
 class SelfForcingExtension(ComfyExtension):

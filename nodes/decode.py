@@ -9,12 +9,14 @@ import folder_paths
 from comfy_api.latest import io
 
 from ..sf_core.errors import SelfForcingError
+from ..sf_core.toy.models import check_shipped
 from ..sf_core.vae import load_decoder
 from ..sf_core.video import to_uint8_frames
 from . import bridge
 from .common import CATEGORY
 
 NONE = "none"
+TOY_AE = "toy world (embedded)"
 
 
 class StreamingDecode(io.ComfyNode):
@@ -29,7 +31,7 @@ class StreamingDecode(io.ComfyNode):
             inputs=[
                 io.Latent.Input("samples", tooltip="A Wan2.1 video latent (e.g. from the Self-Forcing Stream Sampler)."),
                 io.Vae.Input("vae", optional=True, tooltip="Wan2.1 VAE (full quality)."),
-                io.Combo.Input("tiny_decoder", options=[NONE] + folder_paths.get_filename_list("vae_approx"),
+                io.Combo.Input("tiny_decoder", options=[NONE] + folder_paths.get_filename_list("vae_approx") + [TOY_AE],
                                default=NONE, tooltip="TAEHV (taew2_1.pth in models/vae_approx): much faster, lower quality. "
                                                      "Used when set, instead of the VAE."),
                 io.Int.Input("latent_frames_per_step", default=3, min=1, max=64, tooltip="Latent frames decoded per step."),
@@ -42,8 +44,9 @@ class StreamingDecode(io.ComfyNode):
     def execute(cls, samples, latent_frames_per_step, vae=None, tiny_decoder=NONE) -> io.NodeOutput:
         z = bridge.from_latent(samples)
         if tiny_decoder != NONE:
-            decoder = load_decoder(folder_paths.get_full_path_or_raise("vae_approx", tiny_decoder),
-                                   device=mm.get_torch_device(), dtype=torch.float32)
+            path = check_shipped()["autoencoder"] if tiny_decoder == TOY_AE else \
+                folder_paths.get_full_path_or_raise("vae_approx", tiny_decoder)
+            decoder = load_decoder(path, device=mm.get_torch_device(), dtype=torch.float32)
         elif vae is not None:
             decoder = bridge.stream_decoder(vae)
         else:

@@ -11,9 +11,13 @@ import folder_paths
 from comfy_api.latest import io
 
 from ..sf_core.checkpoints import dequantize_fp8, load_dit_checkpoint
+from ..sf_core.toy.models import check_shipped
 from .common import CATEGORY
 
 WEIGHT_DTYPES = {"default": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp8_e4m3fn": torch.float8_e4m3fn}
+
+
+TOY_DIT = "toy world (embedded)"
 
 
 class LoadModel(io.ComfyNode):
@@ -26,8 +30,10 @@ class LoadModel(io.ComfyNode):
             description="Loads the official Self Forcing .pt (generator_ema preferred), plain or prefixed Wan2.1 "
                         "safetensors, or a diffusers transformer, as a stock MODEL that any sampler can use.",
             inputs=[
-                io.Combo.Input("model_name", options=folder_paths.get_filename_list("diffusion_models") + _diffusers_folders(),
-                               tooltip="File in models/diffusion_models, or a diffusers transformer folder there (ends in /)."),
+                io.Combo.Input("model_name", options=folder_paths.get_filename_list("diffusion_models") + _diffusers_folders()
+                               + [TOY_DIT],
+                               tooltip="File in models/diffusion_models, or a diffusers transformer folder there (ends in /); "
+                                       f"'{TOY_DIT}' is the small model of the toy world shipped with the pack."),
                 io.Combo.Input("weight_dtype", options=list(WEIGHT_DTYPES), default="default",
                                tooltip="Storage dtype of the weights; default lets ComfyUI choose for your device."),
             ],
@@ -37,6 +43,8 @@ class LoadModel(io.ComfyNode):
 
     @classmethod
     def execute(cls, model_name, weight_dtype) -> io.NodeOutput:
+        if model_name == TOY_DIT:
+            return io.NodeOutput(_load_toy(load_dit_checkpoint(_resolve(model_name)).state_dict))
         ckpt = load_dit_checkpoint(_resolve(model_name))
         sd = ckpt.state_dict
         if any(k.endswith(".scale_weight") for k in sd):  # scaled fp8: dequantise for ComfyUI
@@ -46,6 +54,21 @@ class LoadModel(io.ComfyNode):
         if model is None:
             raise ValueError(f"ComfyUI could not build a model from {model_name} ({ckpt.format})")
         return io.NodeOutput(model)
+
+
+def _load_toy(sd: dict):
+    """The toy DiT as a stock MODEL. ComfyUI infers a Wan config from the weights except the text width, which it
+    takes as 4096 (UMT5-XXL); the toy model reads its small encoder's 64, so that one field is set from the weights."""
+    import comfy.model_detection
+    import comfy.model_management as mm
+    import comfy.model_patcher
+
+    config = comfy.model_detection.model_config_from_unet(sd, "")
+    config.unet_config["text_dim"] = int(sd["text_embedding.0.weight"].shape[1])
+    config.set_inference_dtype(torch.float32, None)
+    model = config.get_model(sd, "").to(mm.unet_offload_device())
+    model.load_model_weights(sd, "")
+    return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
 
 
 def _diffusers_folders() -> list[str]:
@@ -63,6 +86,8 @@ def _diffusers_folders() -> list[str]:
 
 
 def _resolve(model_name: str) -> Path:
+    if model_name == TOY_DIT:
+        return check_shipped()["dit"]
     if model_name.endswith("/"):
         for root in folder_paths.get_folder_paths("diffusion_models"):
             if (Path(root) / model_name).is_dir():

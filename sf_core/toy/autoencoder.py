@@ -47,9 +47,11 @@ def latent_stats_loss(z: torch.Tensor) -> torch.Tensor:
     return flat.mean(1).pow(2).mean() + (flat.std(1) - 1).pow(2).mean()
 
 
-def autoencoder_loss(model: TAEHV, video: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
+def autoencoder_loss(model: TAEHV, video: torch.Tensor, generator: torch.Generator,
+                     train_encoder: bool = True) -> tuple[torch.Tensor, dict]:
     """Reconstruction (MSE in [-1, 1]) of video [B, 3, T, H, W] through noisy latents, plus the latent statistics."""
-    z = model.encode_with_grad(video)
+    with torch.set_grad_enabled(train_encoder):
+        z = model.encode_with_grad(video)
     noisy = z + LATENT_NOISE * torch.randn(z.shape, generator=generator)
     rec = model.decode_with_grad(noisy)
     # object pixels (saturated or bright; every background is a dark or mid grey) weigh 5x: they are few
@@ -66,9 +68,11 @@ def cosine_lr(base: float, step: int, total: int) -> float:
 
 
 def train_autoencoder(model: TAEHV, opt: torch.optim.Optimizer, steps: range, batch: int, seed: int, lr: float,
-                      on_step: Callable[[int, dict], None] | None = None, full_steps: int = 0) -> None:
+                      on_step: Callable[[int, dict], None] | None = None, full_steps: int = 0,
+                      train_encoder: bool = True) -> None:
     """Train on freshly rendered clips; step k always sees the clips of seeds derived from (seed, k). The last
-    `full_steps` steps see whole frames (half the batch): crops alone teach features tied to the nearby border."""
+    `full_steps` steps see whole frames (half the batch): crops alone teach features tied to the nearby border.
+    train_encoder=False trains the decoder alone (the latents, and whatever was trained on them, stay valid)."""
     model.train()
     for k in steps:
         for group in opt.param_groups:
@@ -81,7 +85,7 @@ def train_autoencoder(model: TAEHV, opt: torch.optim.Optimizer, steps: range, ba
             y, x = (k * 8) % (video.shape[-2] - CROP + 1), (k * 24) % (video.shape[-1] - CROP + 1)
             video = video[..., y : y + CROP, x : x + CROP]
         g = torch.Generator().manual_seed(seed + k)
-        loss, info = autoencoder_loss(model, video, g)
+        loss, info = autoencoder_loss(model, video, g, train_encoder)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -6,6 +6,8 @@ Stages (outputs in --work unless shipped):
   text_encoder   small frozen random UMT5 + the tokenizer          -> models/toy_umt5.safetensors
   autoencoder    TAEHV architecture trained on rendered clips      -> models/toy_taehv.safetensors
   dataset        rendered clips encoded to latents, their captions
+  decoder        the autoencoder's decoder alone, longer on whole frames (latents unchanged)
+                                                                    -> models/toy_taehv.safetensors
   teacher        bidirectional Wan DiT, flow matching, caption dropout
   ode            teacher ODE trajectories (CFG) at the student's steps
   student        causal student initialised by ODE regression
@@ -35,7 +37,7 @@ from ..errors import SelfForcingError
 from ..io import atomic_path
 from .models import FILES, MODELS_DIR
 
-STAGES = ("tokenizer", "text_encoder", "autoencoder", "dataset", "teacher", "ode", "student",
+STAGES = ("tokenizer", "text_encoder", "autoencoder", "dataset", "decoder", "teacher", "ode", "student",
           "dmd_self", "dmd_teacher", "dmd_diffusion", "evaluate", "ship")
 TEXT_LEN = 32  # caption embeddings are stored this long (the grammar's longest caption is shorter); zeros follow
 
@@ -45,18 +47,19 @@ class RecipeConfig:
     seed: int = 0
     ae_steps: int = 1400
     ae_full_steps: int = 400
+    decoder_steps: int = 400
     ae_batch: int = 8
     ae_lr: float = 1e-3
     clips: int = 1536
     teacher_steps: int = 1200
     teacher_batch: int = 16
     teacher_lr: float = 5e-4
-    ode_count: int = 384
+    ode_count: int = 256
     ode_steps: int = 20
-    student_steps: int = 600
+    student_steps: int = 500
     student_batch: int = 16
     student_lr: float = 2e-4
-    dmd_iterations: int = 200
+    dmd_iterations: int = 150
     dmd_batch: int = 8
     dmd_rank: int = 32
     dmd_lr: float = 1e-4
@@ -94,11 +97,17 @@ class Recipe:
         self.state.setdefault("stages", {})
 
     # ---- bookkeeping -------------------------------------------------------------------------
-    def _write_state(self) -> None:
+    def _write_state(self, stage: str) -> None:
+        """Write this stage's record into the file as it is now (another process may run other stages)."""
+        on_disk = json.loads(self.state_path.read_text()) if self.state_path.exists() else {"stages": {}}
+        on_disk["stages"][stage] = self.state["stages"][stage]
+        self.state = on_disk
         with atomic_path(self.state_path) as tmp:
             Path(tmp).write_text(json.dumps(self.state, indent=2))
 
     def done(self, stage: str) -> bool:
+        if self.state_path.exists():
+            self.state["stages"].update(json.loads(self.state_path.read_text())["stages"])
         return self.state["stages"].get(stage, {}).get("done", False)
 
     def run(self, stages=STAGES, log=print) -> dict:
@@ -116,7 +125,7 @@ class Recipe:
             rec["cpu_s"] += time.process_time() - cpu
             rec["wall_s"] += time.time() - wall
             rec.update(info, done=True, config=dataclasses.asdict(self.cfg))
-            self._write_state()
+            self._write_state(stage)
             log(f"[recipe] {stage}: done in {rec['cpu_s']:.0f} s CPU, {rec['wall_s']:.0f} s wall {json.dumps(info)}")
         return self.state
 
@@ -191,6 +200,37 @@ class Recipe:
         bar.close()
         _save_st(state_dict_for_file(model), self.out / FILES["autoencoder"])
         return {"final_mse": last.get("mse"), "latent_stats_loss": last.get("stats")}
+
+    def stage_decoder(self):
+        from .autoencoder import state_dict_for_file, train_autoencoder
+
+        c = self.cfg
+        ckpt = self.work / "decoder.ckpt.pt"
+        model = self.autoencoder()
+        model.encoder.requires_grad_(False)
+        model.decoder.requires_grad_(True)
+        opt = torch.optim.Adam(model.decoder.parameters(), lr=c.ae_lr / 2)
+        step = 0
+        if ckpt.exists():
+            st = torch.load(ckpt, weights_only=True)
+            model.load_state_dict(st["model"])
+            opt.load_state_dict(st["opt"])
+            step = st["step"]
+        bar = _bar(c.decoder_steps, step, "decoder")
+        last = {}
+
+        def on_step(k, info):
+            last.update(info)
+            bar.update(1)
+            bar.set_postfix(mse=f"{info['mse']:.4f}", refresh=False)
+            if (k + 1) % c.save_every == 0 and k + 1 < c.decoder_steps:
+                _save({"model": model.state_dict(), "opt": opt.state_dict(), "step": k + 1}, ckpt)
+
+        train_autoencoder(model, opt, range(step, c.decoder_steps), c.ae_batch, c.seed + 17, c.ae_lr / 2, on_step,
+                          full_steps=c.decoder_steps, train_encoder=False)
+        bar.close()
+        _save_st(state_dict_for_file(model), self.out / FILES["autoencoder"])
+        return {"final_mse": last.get("mse")}
 
     def stage_dataset(self):
         from .diffusion import LATENT_FRAMES
