@@ -42,12 +42,35 @@ def evaluate_student(toy: Toy, prompts: list[str], seed: int = 0) -> dict:
     return out
 
 
+@torch.no_grad()
+def evaluate_autoencoder(toy: Toy, prompts: list[str], seed: int = 0) -> dict:
+    """The same scores for rendered videos of the prompts passed through the autoencoder: the ceiling a DiT working
+    in its latent space can reach."""
+    from .world import render, scene_from_caption
+
+    def run(frames):
+        out = []
+        for i, p in enumerate(prompts):
+            video, _ = render([scene_from_caption(p, seed + i)], frames)
+            rec = toy.autoencoder.decode_normalized(toy.autoencoder.encode_normalized(video))[0]
+            out.append([score(d, p) for d in windows(detect(rec), TRAINED_FRAMES)])
+        return out
+
+    trained = [s[0] for s in run(TRAINED_FRAMES)]
+    long = run(1 + 4 * (LONG * LATENT_FRAMES - 1))
+    out = {"trained": mean_scores(trained), "long": mean_scores([x for s in long for x in s]),
+           "long_first": mean_scores([s[0] for s in long]), "long_last": mean_scores([s[-1] for s in long])}
+    out["drift"] = {k: out["long_last"][k] - out["long_first"][k] for k in out["trained"]}
+    return out
+
+
 def evaluate_students(students: dict[str, Path], folder: Path = MODELS_DIR, prompts: int = 32, seed: int = 0,
                       log=print) -> dict:
     """{name: DiT file} -> {"prompts": [...], "results": {name: evaluate_student(...)}}."""
     chosen = held_out_prompts()[:prompts]
     toy = Toy.load(next(iter(students.values())), folder)
-    results = {}
+    results = {"world through the autoencoder (ceiling)": evaluate_autoencoder(toy, chosen, seed)}
+    log(f"[evaluate] autoencoder ceiling: {json.dumps(results['world through the autoencoder (ceiling)']['trained'])}")
     for name, path in students.items():
         from ..checkpoints import load_dit
         from ..wan.forward import WanBackbone

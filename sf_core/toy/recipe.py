@@ -47,11 +47,11 @@ class RecipeConfig:
     seed: int = 0
     ae_steps: int = 1400
     ae_full_steps: int = 400
-    decoder_steps: int = 400
+    decoder_steps: int = 250
     ae_batch: int = 8
     ae_lr: float = 1e-3
-    clips: int = 1536
-    teacher_steps: int = 1200
+    clips: int = 1024
+    teacher_steps: int = 1000
     teacher_batch: int = 16
     teacher_lr: float = 5e-4
     ode_count: int = 256
@@ -59,13 +59,13 @@ class RecipeConfig:
     student_steps: int = 500
     student_batch: int = 16
     student_lr: float = 2e-4
-    dmd_iterations: int = 150
+    dmd_iterations: int = 120
     dmd_batch: int = 8
     dmd_rank: int = 32
     dmd_lr: float = 1e-4
     dmd_critic_lr: float = 2e-4
     dmd_critic_ratio: int = 2
-    eval_prompts: int = 32
+    eval_prompts: int = 24
     save_every: int = 100
 
 
