@@ -8,7 +8,7 @@ from .evaluate import markdown_table
 from .models import FILES
 
 
-def model_card(table: dict, state: dict, folder: Path) -> str:
+def model_card(table: dict, state: dict, folder: Path, detector: dict) -> str:
     sizes = "\n".join(f"| {k} | `{v}` | {(folder / v).stat().st_size / 1e6:.2f} MB |" for k, v in FILES.items())
     stages = "\n".join(f"| {name} | {rec.get('cpu_s', 0):.0f} | {rec.get('wall_s', 0):.0f} |"
                        for name, rec in state["stages"].items())
@@ -53,6 +53,11 @@ CPU time per stage (seconds, `time.process_time` of the recipe process; wall tim
 | stage | CPU s | wall s |
 |---|---|---|
 {stages}
+
+## Detector (`python -m sf_core.toy.detect --scenes 64 --frames 33`)
+On {detector['objects_x_frames']} object-frames of rendered videos (1-3 objects, all backgrounds and pans, held-out
+combinations included): colour recall {detector['colour_recall']:.3f}, shape accuracy {detector['shape_accuracy']:.3f},
+centre within 2 px {detector['centre_within_2px']:.3f}, false colours per frame {detector['false_colours_per_frame']:.3f}.
 
 ## Metrics (held-out prompts, detector `sf_core.toy.detect`)
 {len(table['prompts'])} held-out single-object prompts on a grey background, one seed each. "@33": the trained

@@ -51,7 +51,7 @@ class RecipeConfig:
     ae_batch: int = 8
     ae_lr: float = 1e-3
     clips: int = 1024
-    teacher_steps: int = 1000
+    teacher_steps: int = 1600
     teacher_batch: int = 16
     teacher_lr: float = 5e-4
     ode_count: int = 256
@@ -62,8 +62,8 @@ class RecipeConfig:
     dmd_iterations: int = 120
     dmd_batch: int = 8
     dmd_rank: int = 32
-    dmd_lr: float = 1e-4
-    dmd_critic_lr: float = 2e-4
+    dmd_lr: float = 3e-4
+    dmd_critic_lr: float = 6e-4
     dmd_critic_ratio: int = 2
     eval_prompts: int = 24
     save_every: int = 100
@@ -85,6 +85,7 @@ def _save_st(sd: dict, path: Path, metadata: dict | None = None) -> None:
 
     with atomic_path(path) as tmp:
         save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp), metadata=metadata)
+    path.chmod(0o644)  # package data, readable by all
 
 
 class Recipe:
@@ -438,9 +439,14 @@ class Recipe:
 
         sd = load_file(str(self.work / "student_self.safetensors"))
         _save_st(sd, self.out / FILES["dit"], metadata={"recipe": "sf_core.toy.recipe", "stage": "dmd_self"})
+        from .detect import accuracy
+        from .world import sample_scene
+
         table = json.loads((self.work / "table.json").read_text())
+        detector = accuracy([sample_scene(100_000 + i, train=False) for i in range(64)], 33)
         with atomic_path(self.out / "MODEL_CARD.md") as tmp:
-            Path(tmp).write_text(model_card(table, self.state, self.out))
+            Path(tmp).write_text(model_card(table, self.state, self.out, detector))
+        (self.out / "MODEL_CARD.md").chmod(0o644)
         return {"files": sorted(FILES.values())}
 
 
