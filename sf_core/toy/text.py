@@ -10,7 +10,8 @@ import random
 
 import torch
 
-from ..text.umt5 import LAYOUTS, UMT5Config
+from ..text.layouts import LAYOUTS
+from ..text.model import UMT5Config
 from .world import BACKGROUND_NAMES, COLOUR_NAMES, MOTIONS, PANS, SHAPES, ObjectSpec, Scene, caption, sample_scene
 
 TEXT_DIM = 64
