@@ -33,6 +33,7 @@ from ..schedule import SELF_FORCING_STEPS, FlowSchedule, frame_sigma
 from ..stream import Stream, StreamSettings
 from ..wan.forward import WanBackbone, infer_config
 from .distributed import World
+from .context import CONTEXTS, context_source
 from .losses import critic_loss, dmd_loss
 from .state import check_state, read_state
 
@@ -62,6 +63,7 @@ class TrainSettings:
     batch: int = 1
     seed: int = 0
     save_every: int = 50
+    context: str = "self"  # what the rollout's cache holds: "self" | "teacher" | "diffusion" (sf_core.train.context)
 
     def __post_init__(self):
         if self.rank < 1:
@@ -75,6 +77,8 @@ class TrainSettings:
             raise SelfForcingError("learning rates must be positive")
         if self.ema is not None and not 0 < self.ema < 1:
             raise SelfForcingError(f"EMA decay must be in (0, 1), got {self.ema}")
+        if self.context not in CONTEXTS:
+            raise SelfForcingError(f"unknown rollout context {self.context!r}; choose one of {', '.join(CONTEXTS)}")
 
 
 class Trainer:
@@ -85,6 +89,8 @@ class Trainer:
     world: this process's place among data-parallel ranks (default: a single process). Each rank rolls out
     `settings.batch` samples; gradients are averaged over ranks, so one optimiser step sees
     world.size x batch x grad_accum samples.
+    videos: ground-truth latents [N, 16, latent_frames, h, w] of the prompts, for settings.context "teacher" or
+    "diffusion" (Teacher / Diffusion Forcing: the rollout's cache holds them instead of the generated chunks).
     """
 
     def __init__(
@@ -97,6 +103,7 @@ class Trainer:
         *,
         dtype: torch.dtype | None = None,
         world: World | None = None,
+        videos: torch.Tensor | None = None,
     ):
         s = self.settings = settings
         self.world = world or World()
@@ -113,6 +120,13 @@ class Trainer:
         if prompts.shape[-1] != gcfg.text_dim or negative.shape[-1] != gcfg.text_dim:
             raise SelfForcingError(f"prompt embeddings must be {gcfg.text_dim} wide for this model")
         gcfg.tokens_per_frame(s.latent_height, s.latent_width)  # size check before any work
+        if s.context != "self":
+            want = (prompts.shape[0], gcfg.in_dim, s.latent_frames, s.latent_height, s.latent_width)
+            if videos is None or tuple(videos.shape) != want:
+                got = None if videos is None else tuple(videos.shape)
+                raise SelfForcingError(f"{s.context} forcing needs ground-truth latents {list(want)} (one per prompt), "
+                                       f"got {got}")
+        self.videos = videos
 
         init = torch.Generator(device="cpu").manual_seed(s.seed)  # the same LoRA initialisation on every rank
         self.generator_model, self.teacher_model = generator_model, teacher_model
@@ -148,15 +162,19 @@ class Trainer:
 
     def _sample_prompts(self, generators: list[torch.Generator]) -> torch.Tensor:
         idx = noise.randint(self.prompts.shape[0], len(generators), generators)
+        self._last_idx = idx
         return self.prompts[idx.to(self.device)]
 
     def rollout(self, text: torch.Tensor, exit_step: int | None, generators: noise.Generators,
                 grad: bool = True) -> torch.Tensor:
-        """The inference chunk loop on the generator; returns the video [B, C, F, H, W]."""
+        """The inference chunk loop on the generator; returns the video [B, C, F, H, W]. With a Teacher /
+        Diffusion Forcing context, the cache holds the ground truth of the prompts last sampled."""
         s = self.settings
+        video = None if self.videos is None else self.videos[self._last_idx]
         stream = Stream(self.student, text, latent_height=s.latent_height, latent_width=s.latent_width,
                         num_frames=s.latent_frames, batch=s.batch, settings=self.stream_settings,
-                        generator=generators)
+                        generator=generators,
+                        context_source=context_source(s.context, video, generators[0] if isinstance(generators, (list, tuple)) else generators, self.schedule))
         return torch.cat([c.latents for c in stream.rollout(exit_step, grad)], dim=2)
 
     def _x0(self, backbone: WanBackbone, prompt, x_t, t):
