@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from ..errors import SelfForcingError
+from ..preflight import check_device
 
 
 @dataclass
@@ -96,7 +97,7 @@ def init_world(device: str | torch.device, timeout: float = 1800.0) -> tuple[Wor
     device: "cuda" (each rank takes cuda:LOCAL_RANK) or "cpu". timeout: seconds any collective may wait
     for the other ranks before the job fails. Returns (world, this rank's device).
     """
-    device = torch.device(device)
+    device = check_device(device) if isinstance(device, str) else device
     if not launched_by_torchrun():
         return World(), device
     import torch.distributed as dist
