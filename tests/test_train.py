@@ -258,3 +258,18 @@ def test_session_interrupted_keeps_a_checkpoint_and_resumes_to_the_same_lora(tmp
     a, b = LoRA.load(tmp_path / "whole.safetensors"), LoRA.load(tmp_path / "cut.safetensors")
     for p in a.paths:
         assert (a.layer(p).B - b.layer(p).B).abs().max() <= 1e-6
+
+
+def test_resume_refuses_another_rollout_context():
+    """A Teacher Forcing checkpoint must not continue as Self Forcing; checkpoints that predate the setting ran
+    Self Forcing."""
+    import dataclasses
+
+    from sf_core.train.state import check_state
+
+    settings = TrainSettings(**SMALL)
+    saved = dataclasses.asdict(settings)
+    with pytest.raises(SelfForcingError, match="context=teacher"):
+        check_state({"settings": {**saved, "context": "teacher"}, "world_size": 1}, settings)
+    older = {k: v for k, v in saved.items() if k != "context"}
+    check_state({"settings": older, "world_size": 1}, settings)  # no LoRA configs given: settings only

@@ -21,7 +21,9 @@ from ..weights import load_error_reason
 
 STATE_KEYS = ("iteration", "generator_steps", "gen_lora", "critic_lora", "ema", "gen_opt", "critic_opt", "settings")
 # Settings a resumed run must share with the checkpoint (they fix the LoRA and the rollout shapes).
-FIXED_SETTINGS = ("rank", "alpha", "latent_frames", "latent_height", "latent_width", "frames_per_chunk")
+FIXED_SETTINGS = ("rank", "alpha", "latent_frames", "latent_height", "latent_width", "frames_per_chunk", "context")
+# settings that checkpoints written before they existed do not record, with the value those runs used
+UNRECORDED = {"context": "self"}
 
 
 def read_state(path: str | os.PathLike) -> dict:
@@ -66,9 +68,10 @@ def check_state(state: dict, settings, generator: WanConfig | None = None, teach
     these configs: same fixed settings, LoRA tensors of the same names and shapes."""
     mine = dataclasses.asdict(settings)
     for key in FIXED_SETTINGS:
-        if _norm(state["settings"].get(key)) != _norm(mine[key]):
+        theirs = state["settings"].get(key, UNRECORDED.get(key))
+        if _norm(theirs) != _norm(mine[key]):
             raise SelfForcingError(
-                f"cannot resume from {path}: it was trained with {key}={state['settings'].get(key)}, this run has "
+                f"cannot resume from {path}: it was trained with {key}={theirs}, this run has "
                 f"{mine[key]}; resume with the same settings, or start afresh (overwrite, or remove the checkpoint)"
             )
     # Randomness is keyed by the global sample index, so any split of the same samples per step continues the
