@@ -26,6 +26,7 @@ from . import options
 from .config import WanConfig
 from .io import DTYPES, compute_dtype
 from .latents import SPATIAL_STRIDE, TIME_STRIDE, latent_size_for, video_frames_for
+from .preflight import check_device
 from .sources import EncodedVideo, LatentVideo, frame_batches
 from .stream import Stream
 from .text import inspect_text_encoder, load_text_encoder
@@ -127,7 +128,7 @@ def add_speed_arguments(p: argparse.ArgumentParser) -> None:
 
 def check_speed_arguments(args) -> None:
     """--compile / --fp8 / --cuda-graphs where they cannot run: a clear error before any heavy work."""
-    device = torch.device(args.device)
+    device = check_device(args.device)
     if args.compile:
         reason = compile_unavailable(device)
         if reason:
@@ -141,7 +142,7 @@ def check_speed_arguments(args) -> None:
 # ---- the chunk loop ---------------------------------------------------------------------------
 def run_stream(args) -> dict:
     check_speed_arguments(args)
-    device = torch.device(args.device)
+    device = check_device(args.device)
     dtype = compute_dtype(args.dtype, device)
     cfg = WanConfig.preset(args.config)
     h, w = latent_size_for(args.height, args.width)
@@ -245,7 +246,7 @@ def run_train(args) -> dict:
 # ---- streaming decode -------------------------------------------------------------------------
 def run_decode(args) -> dict:
     """Seconds per chunk of streaming decode; the first chunk (1 + 4(t - 1) frames) reported apart."""
-    device = torch.device(args.device)
+    device = check_device(args.device)
     dtype = compute_dtype(args.dtype, device)
     kinds = [k.strip() for k in args.decoders.split(",") if k.strip()]
     bad = [k for k in kinds if k not in ("wan", "taehv")]

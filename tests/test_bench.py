@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from sf_core.cli import build_parser, main
 
 
@@ -39,3 +41,10 @@ def test_modes_exclude_each_other():
         assert e.code == 2
     else:
         raise AssertionError("--train and --decode were accepted together")
+
+
+@pytest.mark.parametrize("mode", [[], ["--decode"], ["--train"]])
+def test_bench_refuses_an_unknown_device_with_exit_2(mode, capsys):
+    assert main(["bench", *mode, "--config", "tiny", "--height", "64", "--width", "64", "--chunks", "1",
+                 "--device", "foo"]) == 2
+    assert "'foo' is not a device" in capsys.readouterr().err
