@@ -1,6 +1,6 @@
 """Load every published Wan2.1-family DiT layout, normalised to Wan parameter names.
 
-Layouts (key lists with shapes in shared/formats/):
+Layouts (key lists with shapes in tests/fixtures/formats/):
 - official Self Forcing `.pt`: dicts under `generator_ema` (preferred), `generator`, `model`, keys
   `model.` + Wan names, FSDP / compile / checkpoint wrapper segments anywhere in a key;
 - plain Wan safetensors (Wan-AI, ComfyUI repackaged, CausVid, LongLive base, ...), optionally prefixed

@@ -5,35 +5,17 @@ import pytest
 
 from sf_core.errors import SelfForcingError
 from sf_core.toy import world
-from sf_core.toy.detect import detect
+from sf_core.toy.detect import accuracy, detect
 from sf_core.toy.metrics import classify_motion, drift, score, score_video
 from sf_core.toy.world import COLOUR_NAMES, MOTIONS, SHAPES, ObjectSpec, Scene, caption, render, sample_scene
-
-
-def detector_accuracy(scenes, frames):
-    """(colour recall, shape accuracy, share of centres within 2 px, false colours per frame) over all objects."""
-    video, truth = render(scenes, frames)
-    found = right_shape = near = total = false = 0
-    for b, scene in enumerate(scenes):
-        det = detect(video[b])
-        wanted = set(truth.colour[b][truth.present[b]].tolist())
-        false += sum(len(set(torch.nonzero(det.present[t]).flatten().tolist()) - wanted) for t in range(frames))
-        for k in range(len(scene.objects)):
-            c = truth.colour[b, k]
-            seen = det.present[:, c]
-            total += frames
-            found += int(seen.sum())
-            right_shape += int((seen & (det.shape[:, c] == truth.shape[b, k])).sum())
-            err = (det.centre[:, c] - truth.centre[b, :, k]).abs()
-            err = torch.minimum(err, world.SIZE - err).norm(dim=-1)
-            near += int((seen & (err < 2.0)).sum())
-    return found / total, right_shape / found, near / found, false / (len(scenes) * frames)
 
 
 def test_detector_reads_rendered_videos():
     """Random scenes (1-3 objects that may overlap, all backgrounds, pans), including held-out combinations."""
     scenes = [sample_scene(50_000 + i, train=False) for i in range(24)]
-    colour, shape, centre, false = detector_accuracy(scenes, 17)
+    acc = accuracy(scenes, 17)
+    colour, shape, centre = acc["colour_recall"], acc["shape_accuracy"], acc["centre_within_2px"]
+    false = acc["false_colours_per_frame"]
     assert colour > 0.98 and shape > 0.95 and centre > 0.95 and false < 0.02, (colour, shape, centre, false)
 
 

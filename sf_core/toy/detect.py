@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import SelfForcingError
-from .world import BACKGROUNDS, COLOURS, SHAPES, SIZE, coverage
+from .world import BACKGROUNDS, COLOURS, SHAPES, SIZE, coverage, render
 
 # area of each drawn shape for half extent s is AREA[shape] * s^2 (see world._coverage)
 AREA = {"circle": math.pi, "square": 1.7**2, "triangle": 3 * math.sqrt(3) * 0.65**2, "diamond": 2 * 1.202**2}
@@ -114,8 +114,6 @@ def detect(video: torch.Tensor, min_area: int = MIN_AREA, tolerance: float = TOL
 def accuracy(scenes, frames: int) -> dict:
     """Detector against the world's ground truth on rendered videos: colour recall, shape accuracy and share of
     centres within 2 px (over detected objects), false colours per frame."""
-    from .world import render
-
     video, truth = render(scenes, frames)
     found = right_shape = near = total = false = 0
     for b, scene in enumerate(scenes):
