@@ -14,13 +14,15 @@ mask best (intersection over union). Nothing is learned.
 
 from __future__ import annotations
 
+import argparse
+import json
 import math
 from dataclasses import dataclass
 
 import torch
 
 from ..errors import SelfForcingError
-from .world import BACKGROUNDS, COLOURS, SHAPES, SIZE, coverage, render
+from .world import BACKGROUNDS, COLOURS, SHAPES, SIZE, coverage, render, sample_scene
 
 # area of each drawn shape for half extent s is AREA[shape] * s^2 (see world._coverage)
 AREA = {"circle": math.pi, "square": 1.7**2, "triangle": 3 * math.sqrt(3) * 0.65**2, "diamond": 2 * 1.202**2}
@@ -134,10 +136,7 @@ def accuracy(scenes, frames: int) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m sf_core.toy.detect --scenes 64 --frames 33`: the detector's accuracy on rendered videos (JSON)."""
-    import argparse
-    import json
 
-    from .world import sample_scene
 
     p = argparse.ArgumentParser(prog="python -m sf_core.toy.detect", description=main.__doc__)
     p.add_argument("--scenes", type=int, default=64)

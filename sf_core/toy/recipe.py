@@ -26,16 +26,33 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shutil
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
 
+from ..checkpoints import load_dit
 from ..errors import SelfForcingError
 from ..io import atomic_path
+from ..schedule import FlowSchedule
+from ..text import load_text_encoder
+from ..train.trainer import Trainer, TrainSettings
+from ..vae.taehv import TAEHV
+from ..wan.forward import WanBackbone
+from .autoencoder import cosine_lr, new_autoencoder, state_dict_for_file, train_autoencoder
+from .card import model_card
+from .detect import accuracy
+from .diffusion import (CAPTION_DROPOUT, FRAMES_PER_CHUNK, GUIDANCE, LATENT_FRAMES, SHIFT, STEPS, flow_matching_loss,
+                        new_dit, ode_regression_loss, ode_trajectories)
+from .evaluate import evaluate_students
 from .models import FILES, MODELS_DIR
+from .text import random_text_encoder, train_tokenizer
+from .world import caption, render, sample_scene
 
 STAGES = ("tokenizer", "text_encoder", "autoencoder", "dataset", "decoder", "teacher", "ode", "student",
           "dmd_self", "dmd_teacher", "dmd_diffusion", "evaluate", "ship")
@@ -70,7 +87,6 @@ class RecipeConfig:
 
 
 def _bar(total: int, initial: int, desc: str):
-    from tqdm import tqdm
 
     return tqdm(total=total, initial=initial, desc=desc, file=sys.stderr, mininterval=10.0, dynamic_ncols=True)
 
@@ -81,7 +97,6 @@ def _save(obj, path: Path) -> None:
 
 
 def _save_st(sd: dict, path: Path, metadata: dict | None = None) -> None:
-    from safetensors.torch import save_file
 
     with atomic_path(path) as tmp:
         save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp), metadata=metadata)
@@ -132,7 +147,6 @@ class Recipe:
 
     # ---- shared pieces -----------------------------------------------------------------------
     def text_encoder(self):
-        from ..text import load_text_encoder
 
         return load_text_encoder(self.out / FILES["text_encoder"])
 
@@ -145,20 +159,16 @@ class Recipe:
         return emb[:, :TEXT_LEN].contiguous()
 
     def autoencoder(self):
-        from safetensors.torch import load_file
 
-        from ..vae.taehv import TAEHV
 
         return TAEHV.from_state_dict(load_file(str(self.out / FILES["autoencoder"])))
 
     def _dit(self, path: Path):
-        from ..checkpoints import load_dit
 
         return load_dit(path)[0]
 
     # ---- stages ------------------------------------------------------------------------------
     def stage_tokenizer(self):
-        from .text import train_tokenizer
 
         spm = train_tokenizer(self.cfg.seed)
         with atomic_path(self.work / "spiece.model") as tmp:
@@ -166,14 +176,12 @@ class Recipe:
         return {"bytes": len(spm)}
 
     def stage_text_encoder(self):
-        from .text import random_text_encoder
 
         sd = random_text_encoder((self.work / "spiece.model").read_bytes(), self.cfg.seed)
         _save_st(sd, self.out / FILES["text_encoder"])
         return {"params": sum(v.numel() for k, v in sd.items() if k != "spiece_model")}
 
     def stage_autoencoder(self):
-        from .autoencoder import new_autoencoder, state_dict_for_file, train_autoencoder
 
         c = self.cfg
         ckpt = self.work / "autoencoder.ckpt.pt"
@@ -203,7 +211,6 @@ class Recipe:
         return {"final_mse": last.get("mse"), "latent_stats_loss": last.get("stats")}
 
     def stage_decoder(self):
-        from .autoencoder import state_dict_for_file, train_autoencoder
 
         c = self.cfg
         ckpt = self.work / "decoder.ckpt.pt"
@@ -234,8 +241,6 @@ class Recipe:
         return {"final_mse": last.get("mse")}
 
     def stage_dataset(self):
-        from .diffusion import LATENT_FRAMES
-        from .world import caption, render, sample_scene
 
         c = self.cfg
         ae = self.autoencoder()
@@ -263,10 +268,6 @@ class Recipe:
         return torch.load(self.work / "dataset.pt", weights_only=True)
 
     def stage_teacher(self):
-        from ..schedule import FlowSchedule
-        from ..wan.forward import WanBackbone
-        from .autoencoder import cosine_lr
-        from .diffusion import CAPTION_DROPOUT, SHIFT, flow_matching_loss, new_dit
 
         c = self.cfg
         data = self._dataset()
@@ -310,9 +311,6 @@ class Recipe:
         return {"loss_ema": run}
 
     def stage_ode(self):
-        from ..schedule import FlowSchedule
-        from ..wan.forward import WanBackbone
-        from .diffusion import GUIDANCE, LATENT_FRAMES, SHIFT, ode_trajectories
 
         c = self.cfg
         data = self._dataset()
@@ -332,10 +330,6 @@ class Recipe:
         return {"trajectories": c.ode_count}
 
     def stage_student(self):
-        from ..schedule import FlowSchedule
-        from ..wan.forward import WanBackbone
-        from .autoencoder import cosine_lr
-        from .diffusion import SHIFT, ode_regression_loss
 
         c = self.cfg
         data = self._dataset()
@@ -373,8 +367,6 @@ class Recipe:
         return {"loss_ema": run}
 
     def _dmd(self, kind: str):
-        from ..train.trainer import Trainer, TrainSettings
-        from .diffusion import FRAMES_PER_CHUNK, GUIDANCE, LATENT_FRAMES, SHIFT, STEPS
 
         c = self.cfg
         data = self._dataset()
@@ -421,7 +413,6 @@ class Recipe:
         return self._dmd("diffusion")
 
     def stage_evaluate(self):
-        from .evaluate import evaluate_students
 
         students = {"ODE init (no DMD)": self.work / "student_ode.safetensors",
                     "Teacher Forcing + DMD": self.work / "student_teacher.safetensors",
@@ -433,14 +424,10 @@ class Recipe:
         return {"table": str(self.work / "table.json")}
 
     def stage_ship(self):
-        from safetensors.torch import load_file
 
-        from .card import model_card
 
         sd = load_file(str(self.work / "student_self.safetensors"))
         _save_st(sd, self.out / FILES["dit"], metadata={"recipe": "sf_core.toy.recipe", "stage": "dmd_self"})
-        from .detect import accuracy
-        from .world import sample_scene
 
         table = json.loads((self.work / "table.json").read_text())
         detector = accuracy([sample_scene(100_000 + i, train=False) for i in range(64)], 33)
@@ -462,7 +449,6 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.fresh and Path(args.work).exists():
-        import shutil
 
         shutil.rmtree(args.work)
     cfg = RecipeConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(RecipeConfig)})
