@@ -127,7 +127,15 @@ def resolve_models(args, log=print) -> None:
     for key, default in (("shift", 5.0), ("window", 0), ("sink", 0)):
         if getattr(args, key) == default:  # the real models' default: the toy models' own applies
             setattr(args, key, toy[key])
+    args.toy = True
     log(f"embedded toy models (a 64x64 procedural world of coloured shapes) from {files['dit'].parent}; {REAL_WEIGHTS_HINT}")
+
+
+def _check_toy_prompts(timeline) -> None:
+    from .toy.world import check_caption
+
+    for _, prompt in timeline:
+        check_caption(prompt, "the embedded toy models (no model flags given; for other prompts pass --model ...)")
 
 
 def preflight(args, log=print) -> dict:
@@ -167,6 +175,8 @@ def preflight(args, log=print) -> dict:
     text = pf.read_text_file(args.timeline_file, "--timeline-file") if args.timeline_file else args.prompt
     timeline = parse_timeline(text, args.fps, args.frames_per_chunk)
     chunks = -(-latent_frames // args.frames_per_chunk)
+    if getattr(args, "toy", False):
+        _check_toy_prompts(timeline)
     for start, prompt in timeline:
         if start >= chunks:
             logger.warning("timeline prompt %r starts at chunk %d, after the end of this video (%d chunks): it is not "

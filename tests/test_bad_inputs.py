@@ -98,6 +98,8 @@ CASES = [
     ("gen-shift-0", lambda d, o: G(d, o / "v.mp4") + ["--shift", "0"], "--shift must be"),
     ("gen-steps-abc", lambda d, o: G(d, o / "v.mp4") + ["--steps", "abc"], "denoising steps must be numbers"),
     ("gen-steps-increasing", lambda d, o: G(d, o / "v.mp4") + ["--steps", "250,500"], "decrease"),
+    ("gen-toy-prompt-not-a-caption", lambda d, o: ["generate", "--prompt", "a fox in the snow", "-o", str(o / "v.mp4")],
+     "read captions of the toy world"),
     ("gen-fps-nan", lambda d, o: G(d, o / "v.mp4") + ["--fps", "nan"], "--fps must be"),
     ("gen-fps-inf", lambda d, o: G(d, o / "v.mp4") + ["--fps", "inf"], "--fps must be"),
     ("gen-seconds-0", lambda d, o: [a for a in G(d, o / "v.mp4") if a not in ("--frames", "9")] + ["--seconds", "0"],

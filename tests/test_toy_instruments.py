@@ -29,7 +29,7 @@ def test_detector_reads_uint8_frames_like_the_float_video():
 
 
 def test_motion_classifier_on_every_motion_shape_and_colour():
-    prompts = [caption(Scene((ObjectSpec(COLOUR_NAMES[(i + j) % 8], s, m),), "grey"))
+    prompts = [caption(Scene((ObjectSpec(COLOUR_NAMES[(i + j) % len(COLOUR_NAMES)], s, m),), "grey"))
                for i, s in enumerate(SHAPES) for j, m in enumerate(MOTIONS)]
     scenes = [world.scene_from_caption(p, i) for i, p in enumerate(prompts)]
     video, truth = render(scenes, 33)
@@ -51,3 +51,12 @@ def test_scores_fall_for_the_wrong_caption_and_drift_sees_a_change():
     assert d["first"]["colour"] == 1.0 and d["last"]["colour"] == 0.0 and d["change"]["colour"] == -1.0
     flicker = torch.where(torch.arange(33).view(1, -1, 1, 1) % 2 == 0, va[0], vb[0])
     assert score(detect(flicker), "a red circle moves right on a grey background").consistency == 0.0
+
+
+def test_an_empty_video_does_not_score_a_still_motion():
+    scene = world.Scene((world.ObjectSpec("red", "circle", "still"),), "grey")
+    video, _ = render([scene], 33)
+    background = torch.full_like(video[0], video[0, :, 0, 0, 0].max().item())  # grey everywhere, nothing on it
+    empty = score_video(background, "a red circle stays still on a grey background")
+    assert empty.on_screen == 0 and empty.motion == 0
+    assert score_video(video[0], "a red circle stays still on a grey background").motion == 1

@@ -2,7 +2,10 @@
 
 16 latent channels, 8x spatial and 4x temporal compression, so every latent rule of the pack holds:
 64x64 frames -> 8x8 latents, 1 + 4k frames -> 1 + k latent frames. The latents it produces are the DiT's
-(normalised) latents directly: training keeps each channel near zero mean and unit spread.
+(normalised) latents directly. Training shapes the latent space for the DiT that will model it: the first three
+channels are held to a thumbnail of the frame (each 8x8 block's mean colour at the latent frame's first video frame),
+so where and what colour an object is reads directly off the latents; the other channels keep near zero mean and
+unit spread and carry the detail (edges, shape).
 """
 
 from __future__ import annotations
@@ -14,9 +17,11 @@ import torch
 import torch.nn.functional as F
 
 from ..vae.taehv import TAEHV, MemBlock, TAEHVConfig
-from .world import render, sample_scene
+from .world import TRAIN_BACKGROUNDS, render, sample_scene
 
-AE_CONFIG = TAEHVConfig(decoder_channels=(64, 32, 24, 16), encoder_channels=24)
+AE_CONFIG = TAEHVConfig(decoder_channels=(64, 48, 32, 16), encoder_channels=32)
+THUMBNAIL_CHANNELS = 3
+THUMBNAIL_SCALE = 2.0  # thumbnail values in [-1, 1] times this: about unit spread on the world's frames
 CLIP_FRAMES = 5  # training clips: 5 frames = 2 latent frames
 CROP = 32  # training crops (the network is convolutional; a quarter of the cost of whole frames)
 LATENT_NOISE = 0.1  # the decoder learns to read slightly noisy latents (generated ones are never exact)
@@ -41,6 +46,15 @@ def new_autoencoder(seed: int) -> TAEHV:
     return m
 
 
+def thumbnail(video: torch.Tensor, stride: int = 4) -> torch.Tensor:
+    """video [B, 3, T, H, W] in [-1, 1] -> [B, 3, ceil(T / stride), H/8, W/8]: the mean colour of each 8x8 block of
+    every latent frame's first video frame, scaled (the target of the first latent channels)."""
+    first = video[:, :, ::stride]
+    b, c, t, h, w = first.shape
+    pooled = F.avg_pool2d(first.transpose(1, 2).reshape(b * t, c, h, w), 8)
+    return THUMBNAIL_SCALE * pooled.reshape(b, t, c, h // 8, w // 8).transpose(1, 2)
+
+
 def latent_stats_loss(z: torch.Tensor) -> torch.Tensor:
     """Per-channel mean -> 0 and standard deviation -> 1 over a batch of latents [B, 16, t, h, w]."""
     flat = z.transpose(0, 1).reshape(z.shape[1], -1)
@@ -58,8 +72,10 @@ def autoencoder_loss(model: TAEHV, video: torch.Tensor, generator: torch.Generat
     sat = video.amax(1, keepdim=True) - video.amin(1, keepdim=True)
     weight = 1.0 + 4.0 * ((sat > 0.3) | (video.amin(1, keepdim=True) > 0.6)).float()
     mse = (weight * (rec - video) ** 2).mean() / weight.mean()
-    stats = latent_stats_loss(z)
-    return mse + 0.1 * stats, {"mse": float(mse.detach()), "stats": float(stats.detach())}
+    stats = latent_stats_loss(z[:, THUMBNAIL_CHANNELS:])
+    thumb = F.mse_loss(z[:, :THUMBNAIL_CHANNELS], thumbnail(video))
+    return mse + 0.1 * stats + 0.5 * thumb, {"mse": float(mse.detach()), "stats": float(stats.detach()),
+                                             "thumb": float(thumb.detach())}
 
 
 def cosine_lr(base: float, step: int, total: int) -> float:
@@ -79,7 +95,7 @@ def train_autoencoder(model: TAEHV, opt: torch.optim.Optimizer, steps: range, ba
             group["lr"] = cosine_lr(lr, k, steps.stop)
         full = k >= steps.stop - full_steps
         n = max(1, batch // 2) if full else batch
-        scenes = [sample_scene(seed * 1_000_003 + k * batch + i) for i in range(n)]
+        scenes = [sample_scene(seed * 1_000_003 + k * batch + i, backgrounds=TRAIN_BACKGROUNDS) for i in range(n)]
         video, _ = render(scenes, CLIP_FRAMES, start=(k * 7) % 40)
         if not full:
             y, x = (k * 8) % (video.shape[-2] - CROP + 1), (k * 24) % (video.shape[-1] - CROP + 1)

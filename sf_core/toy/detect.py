@@ -25,7 +25,7 @@ from ..errors import SelfForcingError
 from .world import BACKGROUNDS, COLOURS, SHAPES, SIZE, coverage, render, sample_scene
 
 # area of each drawn shape for half extent s is AREA[shape] * s^2 (see world._coverage)
-AREA = {"circle": math.pi, "square": 1.7**2, "triangle": 3 * math.sqrt(3) * 0.65**2, "diamond": 2 * 1.202**2}
+AREA = {"circle": math.pi, "square": 1.7**2, "triangle": 3 * math.sqrt(3) * 0.65**2}
 MIN_AREA = 15
 TOLERANCE = 0.3
 

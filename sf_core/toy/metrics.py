@@ -3,7 +3,8 @@
 For a video and the caption it was asked for (its first object is the subject):
 - colour: fraction of frames whose dominant detected colour is the caption's colour;
 - shape: fraction of frames where the caption's colour is on screen with the caption's shape;
-- motion: whether the subject's track (centre, size) classifies as the caption's motion;
+- motion: whether the subject's track (centre, size) classifies as the caption's motion (a subject on screen in
+  fewer than half the frames has no track: motion 0, whatever the caption's motion, "stays still" included);
 - consistency: fraction of consecutive frame pairs that keep the identity of what is on screen (same dominant colour)
   without a jump of its centre larger than `JUMP` pixels;
 - on_screen: fraction of frames where the caption's colour is detected.
@@ -83,7 +84,8 @@ def score(det: Detection, text: str) -> Scores:
     dom = det.dominant
     colour = (dom == c).float().mean()
     shape = (seen & (det.shape[:, c] == s)).float().mean()
-    got = classify_motion(det.centre[:, c], det.size[:, c], seen)
+    tracked = seen.float().mean() >= 0.5
+    got = classify_motion(det.centre[:, c], det.size[:, c], seen) if tracked else None
     # identity kept: the same dominant colour as the frame before, its centre moved less than JUMP. (Shape is left
     # out: the toy autoencoder blurs shapes, so frame-to-frame shape calls would measure the decoder, not the model.)
     d = dom.clamp_min(0)

@@ -52,25 +52,26 @@ from .diffusion import (CAPTION_DROPOUT, FRAMES_PER_CHUNK, GUIDANCE, LATENT_FRAM
 from .evaluate import evaluate_students
 from .models import FILES, MODELS_DIR
 from .text import random_text_encoder, train_tokenizer
-from .world import caption, render, sample_scene
+from .world import TRAIN_BACKGROUNDS, caption, render, sample_scene
 
 STAGES = ("tokenizer", "text_encoder", "autoencoder", "dataset", "decoder", "teacher", "ode", "student",
           "dmd_self", "dmd_teacher", "dmd_diffusion", "evaluate", "ship")
+TRAIN_OBJECTS = (0.75, 0.25)  # the DiTs' clips: one object, sometimes two
 TEXT_LEN = 32  # caption embeddings are stored this long (the grammar's longest caption is shorter); zeros follow
 
 
 @dataclass(frozen=True)
 class RecipeConfig:
     seed: int = 0
-    ae_steps: int = 1400
-    ae_full_steps: int = 400
+    ae_steps: int = 3000
+    ae_full_steps: int = 800
     decoder_steps: int = 250
     ae_batch: int = 8
     ae_lr: float = 1e-3
-    clips: int = 1024
-    teacher_steps: int = 1600
+    clips: int = 1536
+    teacher_steps: int = 4000
     teacher_batch: int = 16
-    teacher_lr: float = 5e-4
+    teacher_lr: float = 1e-3
     ode_count: int = 256
     ode_steps: int = 20
     student_steps: int = 500
@@ -245,7 +246,8 @@ class Recipe:
         c = self.cfg
         ae = self.autoencoder()
         frames = 1 + 4 * (LATENT_FRAMES - 1)
-        scenes = [sample_scene(c.seed * 7_919 + 1_000_000 + i) for i in range(c.clips)]
+        scenes = [sample_scene(c.seed * 7_919 + 1_000_000 + i, backgrounds=TRAIN_BACKGROUNDS, objects=TRAIN_OBJECTS)
+                  for i in range(c.clips)]
         latents = []
         bar = _bar(c.clips, 0, "dataset")
         for a in range(0, c.clips, 32):

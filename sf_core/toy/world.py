@@ -33,11 +33,9 @@ COLOURS = {
     "blue": (0.20, 0.35, 0.95),
     "yellow": (0.95, 0.90, 0.20),
     "purple": (0.65, 0.25, 0.85),
-    "orange": (1.00, 0.55, 0.10),
     "white": (0.97, 0.97, 0.97),
-    "cyan": (0.20, 0.85, 0.90),
 }
-SHAPES = ("circle", "square", "triangle", "diamond")
+SHAPES = ("circle", "square", "triangle")
 MOTIONS = ("left", "right", "up", "down", "bounce", "orbit", "grow", "shrink", "still")
 MOTION_PHRASES = {
     "left": "moves left", "right": "moves right", "up": "moves up", "down": "moves down",
@@ -49,6 +47,7 @@ BACKGROUNDS = {  # name -> (colour a, colour b) of an 8-pixel checker (equal for
     "tiled": ((0.30, 0.30, 0.30), (0.52, 0.52, 0.52)),
 }
 PANS = (None, "left", "right")
+TRAIN_BACKGROUNDS = ("grey", "black")  # the flat backgrounds the embedded models are trained on
 TILE = 8
 SPEED = 1.0  # pixels per frame of the straight motions
 PAN_SPEED = 0.5
@@ -91,6 +90,11 @@ class Scene:
 
 
 # ---- captions ---------------------------------------------------------------------------------
+GRAMMAR = ("'a <colour> <shape> <motion>', objects joined by 'and', then "
+           + " or ".join(f"'on a {b} background'" for b in TRAIN_BACKGROUNDS)
+           + f" (colours {', '.join(COLOURS)}; shapes {', '.join(SHAPES)}; motions "
+           + ", ".join(MOTION_PHRASES.values()).replace("moves left, moves right, moves up, moves down",
+                                                          "moves left/right/up/down") + ")")
 def object_phrase(o: ObjectSpec) -> str:
     article = "an" if o.colour[0] in "aeiou" else "a"
     return f"{article} {o.colour} {o.shape} {MOTION_PHRASES[o.motion]}"
@@ -131,9 +135,17 @@ def parse_caption(text: str) -> tuple[list[tuple[str, str, str]], str, str | Non
     return objects, bg, pan
 
 
+def check_caption(text: str, reader: str = "the toy models") -> None:
+    """Refuse text that is not a caption of the world, with the grammar (the toy models know nothing else)."""
+    try:
+        parse_caption(text)
+    except SelfForcingError as e:
+        raise SelfForcingError(f"{e}; {reader} read captions of the toy world: {GRAMMAR}") from None
+
+
 # ---- sampling ---------------------------------------------------------------------------------
 def _place(rng: random.Random, colour: str, shape: str, motion: str) -> ObjectSpec:
-    size = rng.uniform(6.0, 8.0) if motion == "grow" else rng.uniform(10.0, 12.0) if motion == "shrink" else rng.uniform(7.5, 10.5)
+    size = rng.uniform(7.5, 9.0) if motion == "grow" else rng.uniform(11.5, 13.0) if motion == "shrink" else rng.uniform(9.0, 12.0)
     margin = 14.0 if motion in ("orbit", "bounce") else 10.0
     return ObjectSpec(colour, shape, motion, x=rng.uniform(margin, SIZE - margin), y=rng.uniform(margin, SIZE - margin),
                       size=size, phase=rng.uniform(0, 2 * math.pi))
@@ -159,11 +171,13 @@ def held_out(colour: str, shape: str, motion: str) -> bool:
     return (COLOUR_NAMES.index(colour) * 5 + SHAPES.index(shape) * 3 + MOTIONS.index(motion) * 2) % 9 == 4
 
 
-def sample_scene(seed: int, train: bool = True) -> Scene:
-    """A random scene from a seed: 1-3 objects of distinct colours, a background, maybe a pan.
-    train=True never draws a held-out (colour, shape, motion) combination."""
+def sample_scene(seed: int, train: bool = True, backgrounds: tuple[str, ...] = BACKGROUND_NAMES,
+                 objects: tuple[float, ...] = (0.6, 0.3, 0.1)) -> Scene:
+    """A random scene from a seed: 1-3 objects of distinct colours (weights of 1, 2, 3 objects: `objects`), one of
+    `backgrounds`, maybe a pan (tiled floor only). train=True never draws a held-out (colour, shape, motion)
+    combination."""
     rng = random.Random(seed)
-    n = rng.choices((1, 2, 3), weights=(0.6, 0.3, 0.1))[0]
+    n = rng.choices(range(1, len(objects) + 1), weights=objects)[0]
     colours = rng.sample(COLOUR_NAMES, n)
     objects: list[ObjectSpec] = []
     for c in colours:
@@ -172,7 +186,7 @@ def sample_scene(seed: int, train: bool = True) -> Scene:
             if not (train and held_out(c, shape, motion)):
                 break
         objects.append(_place_apart(rng, objects, c, shape, motion))
-    bg = rng.choice(BACKGROUND_NAMES)
+    bg = rng.choice(backgrounds)
     pan = rng.choice(("left", "right")) if bg == "tiled" and rng.random() < 0.3 else None
     return Scene(tuple(objects), bg, pan, seed)
 
@@ -267,8 +281,6 @@ def _distance(shape: int, dx: torch.Tensor, dy: torch.Tensor, s: torch.Tensor) -
         return torch.sqrt(dx * dx + dy * dy) - s
     if name == "square":
         return torch.maximum(dx.abs(), dy.abs()) - 0.85 * s
-    if name == "diamond":
-        return (dx.abs() + dy.abs()) / math.sqrt(2) - 0.85 * s
     # equilateral triangle pointing up, circumradius 1.3 s, centroid at the centre
     return torch.maximum(torch.maximum(dy, 0.866 * dx - 0.5 * dy), -0.866 * dx - 0.5 * dy) - 0.65 * s
 
