@@ -38,6 +38,8 @@ from .steering import PromptInbox
 from .stream import SWITCH_MODES, PromptSegment, PromptTimeline, Stream
 from .text import inspect_text_encoder, load_text_encoder, read_embedded_tokenizer
 from .timeline import format_timeline, parse_timeline
+from .toy.models import REAL_WEIGHTS_HINT, check_shipped, toy_defaults
+from .toy.world import check_caption
 from .vae import detect_decoder_kind, load_decoder, load_encoder
 from .video import VideoWriter, iter_video, probe_video, read_image, write_frames_png
 from .wan.forward import WanBackbone
@@ -117,8 +119,6 @@ def resolve_models(args, log=print) -> None:
             raise SelfForcingError(f"{' and '.join(missing)} needed when other model files are given (or give no "
                                    "model flags at all to use the embedded toy models)")
         return
-    from .toy.models import REAL_WEIGHTS_HINT, check_shipped, toy_defaults
-
     files = check_shipped()
     args.model, args.text_encoder, args.taehv = str(files["dit"]), str(files["text_encoder"]), str(files["autoencoder"])
     toy = toy_defaults()
@@ -132,8 +132,6 @@ def resolve_models(args, log=print) -> None:
 
 
 def _check_toy_prompts(timeline) -> None:
-    from .toy.world import check_caption
-
     for _, prompt in timeline:
         check_caption(prompt, "the embedded toy models (no model flags given; for other prompts pass --model ...)")
 

@@ -492,3 +492,44 @@ def test_compile_input_gives_the_eager_video_on_stock_fp8_weights(comfy):
     compiled = _latents(server, _run(server, graph))
     assert eager.abs().max() > 0.1
     torch.testing.assert_close(compiled, eager, rtol=1e-3, atol=1e-3 * eager.abs().max().item())
+
+
+def test_toy_workflow_streams_the_prompted_objects_with_live_previews(comfy):
+    """The toy template as shipped (81 frames, 64x64): the model carries its autoencoder, so with no VAE connected
+    the previews are decoded frames, one set per chunk, and the video shows the caption's objects."""
+    import io
+
+    import av
+    from PIL import Image
+
+    import workflow_sources as src
+    from sf_core.toy import world
+    from sf_core.toy.detect import detect
+
+    server, _ = comfy
+    prompt = json.loads(json.dumps(src.WORKFLOWS[src.TOY]))
+    with server.websocket(preview_metadata=True) as ws:
+        pid = server.queue(prompt, client_id=ws.client_id)
+        entry = server.wait(pid)
+        ws.wait_done(pid)
+    previews = ws.previews("3")
+    assert len(previews) >= 7  # 81 frames: 7 chunks, each shown
+    shown = Image.open(io.BytesIO(previews[-1].image)).convert("RGB")
+    assert shown.size == (64, 64)  # a decoded frame, not an upscaled 8x8 latent preview
+    video = next(f for f in server.output_files(entry) if f.suffix == ".mp4")
+    with av.open(str(video)) as c:
+        frames = torch.stack([torch.from_numpy(f.to_ndarray(format="rgb24")) for f in c.decode(video=0)])
+    assert frames.shape == (81, 64, 64, 3)
+    det = detect(frames)
+    for colour in ("red", "blue"):  # "a red circle moves right and a blue square bounces on a grey background"
+        assert det.present[:, world.COLOUR_NAMES.index(colour)].float().mean() > 0.6, colour
+
+
+def test_toy_text_encode_refuses_text_outside_the_toy_world(comfy):
+    import workflow_sources as src
+
+    server, _ = comfy
+    prompt = json.loads(json.dumps(src.WORKFLOWS[src.TOY]))
+    prompt["2"]["inputs"]["text"] = "a red fox runs over the snow"
+    with pytest.raises(Exception, match="captions of the toy world"):
+        _run(server, prompt)

@@ -13,11 +13,13 @@ from pathlib import Path
 
 import torch
 
+from ..checkpoints import load_dit
+from ..wan.forward import WanBackbone
 from .detect import detect
 from .diffusion import FRAMES_PER_CHUNK, LATENT_FRAMES
 from .metrics import mean_scores, score, windows
 from .models import MODELS_DIR, Toy
-from .world import held_out_prompts
+from .world import held_out_prompts, render, scene_from_caption
 
 LONG = 4  # the long stream is this many times the trained length
 TRAINED_FRAMES = 1 + 4 * (LATENT_FRAMES - 1)  # 33 video frames
@@ -46,8 +48,6 @@ def evaluate_student(toy: Toy, prompts: list[str], seed: int = 0) -> dict:
 def evaluate_autoencoder(toy: Toy, prompts: list[str], seed: int = 0) -> dict:
     """The same scores for rendered videos of the prompts passed through the autoencoder: the ceiling a DiT working
     in its latent space can reach."""
-    from .world import render, scene_from_caption
-
     def run(frames):
         out = []
         for i, p in enumerate(prompts):
@@ -72,8 +72,6 @@ def evaluate_students(students: dict[str, Path], folder: Path = MODELS_DIR, prom
     results = {"world through the autoencoder (ceiling)": evaluate_autoencoder(toy, chosen, seed)}
     log(f"[evaluate] autoencoder ceiling: {json.dumps(results['world through the autoencoder (ceiling)']['trained'])}")
     for name, path in students.items():
-        from ..checkpoints import load_dit
-        from ..wan.forward import WanBackbone
 
         toy.backbone = WanBackbone(load_dit(path)[0])
         with torch.no_grad():

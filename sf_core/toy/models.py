@@ -12,11 +12,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
+from ..checkpoints import load_dit
 from ..errors import SelfForcingError
 from ..stream import PromptSegment, PromptTimeline, Stream, StreamSettings
+from ..text import load_text_encoder
+from ..vae.taehv import TAEHV
 from ..wan.forward import WanBackbone
-from .diffusion import FRAMES_PER_CHUNK, SHIFT, STEPS
+from .diffusion import FRAMES_PER_CHUNK, LATENT_FRAMES, SHIFT, STEPS
 
 MODELS_DIR = Path(__file__).resolve().parent / "models"
 FILES = {
@@ -48,8 +52,6 @@ def check_shipped(folder: Path = MODELS_DIR) -> dict[str, Path]:
 
 def toy_defaults() -> dict:
     """`generate` defaults for the toy models: their size, schedule and a rolling window of the trained length."""
-    from .diffusion import LATENT_FRAMES
-
     return {"decoder": "taehv", "width": 64, "height": 64, "shift": SHIFT, "window": LATENT_FRAMES,
             "sink": FRAMES_PER_CHUNK, "steps": ",".join(str(int(s)) for s in STEPS)}
 
@@ -68,12 +70,6 @@ class Toy:
     @classmethod
     def load(cls, dit: str | Path | None = None, folder: Path = MODELS_DIR) -> "Toy":
         """The shipped files (or another toy DiT file, e.g. a student of the recipe) through the real loaders."""
-        from safetensors.torch import load_file
-
-        from ..checkpoints import load_dit
-        from ..text import load_text_encoder
-        from ..vae.taehv import TAEHV
-
         files = check_shipped(folder) if dit is None else {**shipped_files(folder), "dit": Path(dit)}
         model, _ = load_dit(files["dit"])
         ae = TAEHV.from_state_dict(load_file(str(files["autoencoder"])))

@@ -72,12 +72,12 @@ class RecipeConfig:
     teacher_steps: int = 4000
     teacher_batch: int = 16
     teacher_lr: float = 1e-3
-    ode_count: int = 256
+    ode_count: int = 512
     ode_steps: int = 20
-    student_steps: int = 500
+    student_steps: int = 800
     student_batch: int = 16
     student_lr: float = 2e-4
-    dmd_iterations: int = 120
+    dmd_iterations: int = 200
     dmd_batch: int = 8
     dmd_rank: int = 32
     dmd_lr: float = 3e-4
