@@ -66,3 +66,10 @@ def test_scene_from_caption_and_bad_input():
         ObjectSpec("pink", "circle", "still")
     with pytest.raises(SelfForcingError, match="1 \\+ 4k"):
         world.check_frames(10)
+
+
+def test_toy_dit_config_is_the_one_loaders_infer_from_its_weights():
+    from sf_core.config import WanConfig
+    from sf_core.toy.diffusion import DIT_CONFIG, new_dit
+
+    assert WanConfig.from_state_dict(new_dit(0).state_dict()) == DIT_CONFIG

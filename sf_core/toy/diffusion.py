@@ -20,7 +20,8 @@ from ..wan.modules import WanModel
 from ..wan.plans import BlockCausal
 from .text import TEXT_DIM
 
-DIT_CONFIG = WanConfig(dim=128, ffn_dim=512, num_heads=2, num_layers=4, text_dim=TEXT_DIM, freq_dim=256)
+# one head of 128: Wan's head size, which every loader (ours, ComfyUI's) infers the head count from
+DIT_CONFIG = WanConfig(dim=128, ffn_dim=512, num_heads=1, num_layers=4, text_dim=TEXT_DIM, freq_dim=256)
 SHIFT = 1.0  # small latents (8x8) need no shift towards high noise
 STEPS = (1000.0, 750.0, 500.0, 250.0)  # the student's denoising steps
 LATENT_FRAMES = 9  # trained length: 33 video frames, 3 chunks of 3 latent frames

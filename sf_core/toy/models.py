@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 from ..checkpoints import load_dit
 from ..errors import SelfForcingError
+from ..sources import EncodedVideo
 from ..stream import PromptSegment, PromptTimeline, Stream, StreamSettings
 from ..text import load_text_encoder
 from ..vae.taehv import TAEHV
@@ -56,9 +57,10 @@ def toy_defaults() -> dict:
             "sink": FRAMES_PER_CHUNK, "steps": ",".join(str(int(s)) for s in STEPS)}
 
 
-def toy_settings(window: int | None = None, sink: int = 0, switch: str = "recache") -> StreamSettings:
+def toy_settings(window: int | None = None, sink: int = 0, switch: str = "recache", strength: float = 1.0,
+                 context: str = "generated") -> StreamSettings:
     return StreamSettings(frames_per_chunk=FRAMES_PER_CHUNK, steps=STEPS, shift=SHIFT, window=window, sink=sink,
-                          switch=switch)
+                          switch=switch, strength=strength, context=context)
 
 
 @dataclass
@@ -82,13 +84,20 @@ class Toy:
 
     def stream(self, timeline: list[tuple[int, str]] | str, latent_frames: int | None, seed: int = 0,
                window: int | None = None, sink: int = 0, switch: str = "recache",
-               prefix: torch.Tensor | None = None) -> Stream:
+               prefix: torch.Tensor | None = None, video: torch.Tensor | None = None, strength: float = 1.0,
+               context: str = "generated") -> Stream:
+        """A stream of the toy DiT. video: an input video [1, 3, T, 64, 64] in [-1, 1] to restyle (encoded by the
+        toy autoencoder as the stream reads it), with `strength` and `context` as in `StreamSettings`."""
         if isinstance(timeline, str):
             timeline = [(0, timeline)]
         emb = self.encode([p for _, p in timeline])
         tl = PromptTimeline([PromptSegment(c, emb[i : i + 1], p) for i, (c, p) in enumerate(timeline)])
+        source = None
+        if video is not None:
+            source = EncodedVideo(iter([video[0].permute(1, 2, 3, 0).add(1).div(2)]), self.autoencoder.stream_encoder())
         return Stream(self.backbone, tl, latent_height=8, latent_width=8, num_frames=latent_frames,
-                      settings=toy_settings(window, sink, switch), generator=seed, prefix=prefix)
+                      settings=toy_settings(window, sink, switch, strength, context), generator=seed, prefix=prefix,
+                      video=source)
 
     @torch.no_grad()
     def generate(self, timeline: list[tuple[int, str]] | str, latent_frames: int, seed: int = 0, **kw) -> torch.Tensor:
