@@ -6,6 +6,7 @@ from pathlib import Path
 
 from .evaluate import markdown_table
 from .models import FILES
+from .world import BACKGROUND_NAMES, COLOURS, FPS, GRAMMAR, MOTION_PHRASES, SHAPES, SIZE, TRAIN_BACKGROUNDS, TRAIN_OBJECTS
 
 
 def model_card(table: dict, state: dict, folder: Path, detector: dict) -> str:
@@ -24,11 +25,13 @@ They are not a video model of the real world: for real use load the Self Forcing
 {sizes}
 
 ## World
-`sf_core/toy/world.py`: 64x64 pixels, 16 fps, 1-3 coloured shapes (8 colours: red, green, blue, yellow, purple,
-orange, white, cyan; 4 shapes: circle, square, triangle, diamond) on a grey, black or tiled background, each with one
-motion (moves left / right / up / down, bounces, orbits, grows, shrinks, stays still), optionally a camera pan over the
-tiled floor; the screen wraps around (torus). Captions follow a grammar, e.g. "a red circle moves right on a grey
-background". About one (colour, shape, motion) combination in nine is held out of training (`world.held_out`).
+`sf_core/toy/world.py`: {SIZE}x{SIZE} pixels, {FPS} fps, 1-3 coloured shapes ({len(COLOURS)} colours: {", ".join(COLOURS)};
+{len(SHAPES)} shapes: {", ".join(SHAPES)}) on a {", ".join(BACKGROUND_NAMES[:-1])} or {BACKGROUND_NAMES[-1]} background,
+each with one motion ({", ".join(MOTION_PHRASES.values())}), optionally a camera pan over the tiled floor; the screen
+wraps around (torus). Captions follow a grammar, e.g. "a red circle moves right on a grey background". About one
+(colour, shape, motion) combination in nine is held out of training (`world.held_out`). The models are trained on
+{" and ".join(TRAIN_BACKGROUNDS)} backgrounds, one object in {TRAIN_OBJECTS[0]:.0%} of the clips and two in the rest;
+their captions: {GRAMMAR}.
 
 ## Models (real formats, real loaders)
 - text encoder `{FILES['text_encoder']}`: a 2-layer UMT5 (dim 64, `sf_core.text.UMT5Encoder`), frozen random
@@ -60,7 +63,7 @@ combinations included): colour recall {detector['colour_recall']:.3f}, shape acc
 centre within 2 px {detector['centre_within_2px']:.3f}, false colours per frame {detector['false_colours_per_frame']:.3f}.
 
 ## Metrics (held-out prompts, detector `sf_core.toy.detect`)
-{len(table['prompts'])} held-out single-object prompts on a grey background, one seed each. "@33": the trained
+{len(table['prompts'])} held-out single-object prompts on a grey background, {table.get('seeds_per_prompt', 1)} seeds each. "@33": the trained
 length (33 frames); "@4x": every 33-frame window of a {table['long_frames']}-frame rolling-window stream (window
 {table['window']} latent frames, sink {table['sink']}); drift: last window minus first window.
 

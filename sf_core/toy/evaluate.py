@@ -14,9 +14,10 @@ from pathlib import Path
 import torch
 
 from ..checkpoints import load_dit
+from ..schedule import FlowSchedule
 from ..wan.forward import WanBackbone
 from .detect import detect
-from .diffusion import FRAMES_PER_CHUNK, LATENT_FRAMES
+from .diffusion import FRAMES_PER_CHUNK, LATENT_FRAMES, SHIFT, ode_trajectories
 from .metrics import mean_scores, score, windows
 from .models import MODELS_DIR, Toy
 from .world import held_out_prompts, render, scene_from_caption
@@ -64,20 +65,38 @@ def evaluate_autoencoder(toy: Toy, prompts: list[str], seed: int = 0) -> dict:
     return out
 
 
+@torch.no_grad()
+def evaluate_teacher(toy: Toy, teacher: Path, prompts: list[str], uncond: torch.Tensor, seed: int = 0) -> dict:
+    """The bidirectional teacher at the trained length (its many-step CFG sampler, the whole clip at once): the
+    reference the students distil. No stream, so no 4x row."""
+    backbone = WanBackbone(load_dit(teacher)[0])
+    scores = []
+    for i, p in enumerate(prompts):
+        g = torch.Generator().manual_seed(seed + i)
+        _, z = ode_trajectories(backbone, toy.encode([p]), uncond, g, FlowSchedule(SHIFT), (16, LATENT_FRAMES, 8, 8))
+        scores.append(score(detect(toy.autoencoder.decode_normalized(z)[0]), p))
+    return {"trained": mean_scores(scores), "long": None, "drift": None}
+
+
 def evaluate_students(students: dict[str, Path], folder: Path = MODELS_DIR, prompts: int = 32, seed: int = 0,
-                      log=print) -> dict:
-    """{name: DiT file} -> {"prompts": [...], "results": {name: evaluate_student(...)}}."""
-    chosen = held_out_prompts()[:prompts]
+                      log=print, seeds: int = 2, teacher: Path | None = None) -> dict:
+    """{name: DiT file} -> {"prompts": [...], "results": {name: evaluate_student(...)}}: the first `prompts` held-out
+    prompts, each with `seeds` seeds (videos: prompts x seeds, every one with its own seed)."""
+    unique = held_out_prompts()[:prompts]
+    chosen = unique * seeds
     toy = Toy.load(next(iter(students.values())), folder)
     results = {"world through the autoencoder (ceiling)": evaluate_autoencoder(toy, chosen, seed)}
     log(f"[evaluate] autoencoder ceiling: {json.dumps(results['world through the autoencoder (ceiling)']['trained'])}")
+    if teacher is not None:
+        uncond = toy.encode([""])
+        results["bidirectional teacher (20 steps, CFG)"] = evaluate_teacher(toy, teacher, chosen, uncond, seed)
     for name, path in students.items():
 
         toy.backbone = WanBackbone(load_dit(path)[0])
         with torch.no_grad():
             results[name] = evaluate_student(toy, chosen, seed)
         log(f"[evaluate] {name}: {json.dumps(results[name]['trained'])}")
-    return {"prompts": chosen, "seed": seed, "trained_frames": TRAINED_FRAMES,
+    return {"prompts": unique, "seeds_per_prompt": seeds, "seed": seed, "trained_frames": TRAINED_FRAMES,
             "long_frames": 1 + 4 * (LONG * LATENT_FRAMES - 1), "window": LATENT_FRAMES, "sink": FRAMES_PER_CHUNK,
             "results": results}
 
@@ -91,8 +110,12 @@ def markdown_table(table: dict) -> str:
         " | ".join(f"{m} @4x" for m in METRICS[:4]) + " | colour drift | shape drift |"
     rows = [head, "|" + "---|" * (2 + 8 + 2 - 1)]
     for name, r in table["results"].items():
-        cells = [f"{r['trained'][m]:.2f}" for m in METRICS[:4]] + [f"{r['long'][m]:.2f}" for m in METRICS[:4]]
-        cells += [f"{r['drift']['colour']:+.2f}", f"{r['drift']['shape']:+.2f}"]
+        cells = [f"{r['trained'][m]:.2f}" for m in METRICS[:4]]
+        if r.get("long") is None:  # not a stream (the bidirectional teacher)
+            cells += ["—"] * 6
+        else:
+            cells += [f"{r['long'][m]:.2f}" for m in METRICS[:4]]
+            cells += [f"{r['drift']['colour']:+.2f}", f"{r['drift']['shape']:+.2f}"]
         rows.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
@@ -102,12 +125,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--student", action="append", required=True, help="DiT file (repeat); name=path also works")
     p.add_argument("--prompts", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=int, default=2, help="seeds per prompt")
     p.add_argument("--models", default=str(MODELS_DIR), help="folder with the toy autoencoder and text encoder")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     students = dict((s.split("=", 1) if "=" in s else (Path(s).stem, s)) for s in args.student)
     table = evaluate_students({k: Path(v) for k, v in students.items()}, Path(args.models), args.prompts, args.seed,
-                              log=lambda m: print(m, file=sys.stderr))
+                              log=lambda m: print(m, file=sys.stderr), seeds=args.seeds)
     print(markdown_table(table))
     print(json.dumps(table))
     return 0

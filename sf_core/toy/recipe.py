@@ -52,11 +52,10 @@ from .diffusion import (CAPTION_DROPOUT, FRAMES_PER_CHUNK, GUIDANCE, LATENT_FRAM
 from .evaluate import evaluate_students
 from .models import FILES, MODELS_DIR
 from .text import random_text_encoder, train_tokenizer
-from .world import TRAIN_BACKGROUNDS, caption, render, sample_scene
+from .world import TRAIN_BACKGROUNDS, TRAIN_OBJECTS, caption, render, sample_scene
 
 STAGES = ("tokenizer", "text_encoder", "autoencoder", "dataset", "decoder", "teacher", "ode", "student",
           "dmd_self", "dmd_teacher", "dmd_diffusion", "evaluate", "ship")
-TRAIN_OBJECTS = (0.75, 0.25)  # the DiTs' clips: one object, sometimes two
 TEXT_LEN = 32  # caption embeddings are stored this long (the grammar's longest caption is shorter); zeros follow
 
 
@@ -420,7 +419,8 @@ class Recipe:
                     "Teacher Forcing + DMD": self.work / "student_teacher.safetensors",
                     "Diffusion Forcing + DMD": self.work / "student_diffusion.safetensors",
                     "Self Forcing + DMD": self.work / "student_self.safetensors"}
-        table = evaluate_students(students, self.out, prompts=self.cfg.eval_prompts, log=lambda m: print(m, file=sys.stderr))
+        table = evaluate_students(students, self.out, prompts=self.cfg.eval_prompts, log=lambda m: print(m, file=sys.stderr),
+                                  teacher=self.work / "teacher.safetensors")
         with atomic_path(self.work / "table.json") as tmp:
             Path(tmp).write_text(json.dumps(table, indent=2))
         return {"table": str(self.work / "table.json")}

@@ -48,6 +48,7 @@ BACKGROUNDS = {  # name -> (colour a, colour b) of an 8-pixel checker (equal for
 }
 PANS = (None, "left", "right")
 TRAIN_BACKGROUNDS = ("grey", "black")  # the flat backgrounds the embedded models are trained on
+TRAIN_OBJECTS = (0.75, 0.25)  # their clips: one object, sometimes two (weights of 1, 2, ... objects)
 TILE = 8
 SPEED = 1.0  # pixels per frame of the straight motions
 PAN_SPEED = 0.5
