@@ -82,6 +82,9 @@ class StreamSettings:
             raise SelfForcingError("the denoising step list is empty; use e.g. 1000, 750, 500, 250")
         if any(b >= a for a, b in zip(self.steps, self.steps[1:])):
             raise SelfForcingError(f"denoising steps must decrease, got {list(self.steps)}")
+        if not all(0 < s <= 1000 for s in self.steps):
+            raise SelfForcingError(f"denoising steps are timesteps in (0, 1000] (1000 = pure noise), got "
+                                   f"{list(self.steps)}; e.g. 1000, 750, 500, 250")
         if self.sink < 0:
             raise SelfForcingError(f"sink must be >= 0, got {self.sink}")
         if self.sink_positions not in SINK_POSITIONS:

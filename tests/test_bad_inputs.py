@@ -98,6 +98,8 @@ CASES = [
     ("gen-shift-0", lambda d, o: G(d, o / "v.mp4") + ["--shift", "0"], "--shift must be"),
     ("gen-steps-abc", lambda d, o: G(d, o / "v.mp4") + ["--steps", "abc"], "denoising steps must be numbers"),
     ("gen-steps-increasing", lambda d, o: G(d, o / "v.mp4") + ["--steps", "250,500"], "decrease"),
+    ("gen-steps-above-1000", lambda d, o: G(d, o / "v.mp4") + ["--steps", "1200,750,500"], "timesteps in (0, 1000]"),
+    ("gen-steps-zero", lambda d, o: G(d, o / "v.mp4") + ["--steps", "1000,500,0"], "timesteps in (0, 1000]"),
     ("gen-toy-prompt-not-a-caption", lambda d, o: ["generate", "--prompt", "a fox in the snow", "-o", str(o / "v.mp4")],
      "read captions of the toy world"),
     ("gen-fps-nan", lambda d, o: G(d, o / "v.mp4") + ["--fps", "nan"], "--fps must be"),
