@@ -1,7 +1,8 @@
 """torchrun entry for the distributed tests: `python -m sf_core ...` with a planted failure on one rank.
 
-SF_TEST_FAIL="<rank>:<iteration>:<kill|hang>" makes that rank, when it is about to run that iteration,
-kill itself with SIGKILL (a crash with no cleanup) or stop answering (sleep).
+SF_TEST_FAIL="<rank>:<iteration>:<kill|hang|sigint>" makes that rank, when it is about to run that iteration,
+kill itself with SIGKILL (a crash with no cleanup), stop answering (sleep), or send itself SIGINT (a Ctrl-C
+that reaches this rank only; the others must stop with it).
 """
 
 import os
@@ -19,6 +20,9 @@ if spec:
 
         def failing_step(self):
             if self.iteration == int(iteration):
+                if how == "sigint":
+                    os.kill(os.getpid(), signal.SIGINT)
+                    return step(self)  # the signal is deferred: this iteration completes
                 if how == "kill":
                     os.kill(os.getpid(), signal.SIGKILL)
                 time.sleep(3600)

@@ -4,6 +4,7 @@ samples per step, killed and resumed, FSDP2-sharded base, a rank that stops answ
 import json
 import os
 import subprocess
+import time
 import sys
 from pathlib import Path
 
@@ -150,6 +151,22 @@ def test_a_rank_that_stops_answering_fails_the_job_after_the_timeout(files, tmp_
     assert res.returncode != 0
     assert "timed out waiting 5000ms" in (res.stdout + res.stderr).lower()
     assert not (tmp_path / "f.safetensors").exists()
+
+
+def test_ctrl_c_on_one_rank_stops_every_rank_at_the_same_iteration(files, tmp_path):
+    """Rank 1 alone receives SIGINT as iteration 2 starts: it finishes that iteration, and at the next boundary
+    every rank agrees to stop, so rank 0 does not wait in a collective for --dist-timeout (60 s here). The
+    checkpoint holds iteration 2 and no LoRA is written."""
+    out = tmp_path / "stopped.safetensors"
+    start = time.monotonic()
+    res = _torchrun(_argv(files, out, "--dist-timeout", "60"), script=ROOT / "tests" / "dist_worker.py",
+                    env_extra={"SF_TEST_FAIL": "1:1:sigint"}, timeout=120)
+    elapsed = time.monotonic() - start
+    text = res.stdout + res.stderr
+    assert res.returncode != 0 and "timed out" not in text.lower(), text[-2000:]
+    assert elapsed < 60, f"{elapsed:.0f} s: a rank waited for the timeout"
+    assert "stopped by SIGINT at iteration 2/3" in text
+    assert torch.load(out.with_name("stopped.ckpt.pt"), weights_only=True)["iteration"] == 2 and not out.exists()
 
 
 def test_shard_base_without_torchrun_is_refused_before_work(files, tmp_path):

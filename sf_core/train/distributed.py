@@ -36,6 +36,7 @@ class World:
     size: int = 1
     local_rank: int = 0
     group: Any = None  # torch.distributed process group; None for a single process
+    device: torch.device = torch.device("cpu")  # where this rank's collectives run (cuda:LOCAL_RANK under NCCL)
 
     @property
     def is_main(self) -> bool:
@@ -61,6 +62,17 @@ class World:
             else:
                 p.grad.copy_(g)
         return flat[-1]
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank when `flag` is true on any rank (one tiny all-reduce; `flag` itself alone for one
+        process). Ranks that stop on a signal agree on the iteration, so none is left waiting in a collective."""
+        if self.size == 1:
+            return flag
+        import torch.distributed as dist
+
+        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
+        return bool(t.item() > 0)
 
     def barrier(self) -> None:
         if self.size > 1:
@@ -119,7 +131,7 @@ def init_world(device: str | torch.device, timeout: float = 1800.0) -> tuple[Wor
     else:
         raise SelfForcingError(f"distributed training runs on cuda or cpu, not {device.type}")
     dist.init_process_group(backend, timeout=timedelta(seconds=timeout))
-    return World(rank, size, local, dist.group.WORLD), device
+    return World(rank, size, local, dist.group.WORLD, device), device
 
 
 #: Modules whose weights `shard_frozen_base` splits (the bulk of a Wan DiT); norms and modulations stay whole.

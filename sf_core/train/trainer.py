@@ -270,7 +270,8 @@ class Trainer:
         if checkpoint is not None and self.world.is_main:
             check_writable(checkpoint)
         while self.iteration < self.settings.iterations:
-            if should_stop is not None and should_stop():
+            # a signal may reach the ranks at different iterations: all stop at the first that any saw it
+            if self.world.any(should_stop is not None and should_stop()):
                 break
             info = self.train_step()
             history.append(info)
