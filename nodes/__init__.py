@@ -8,10 +8,10 @@ from .loader import LoadModel
 from .lora import LoadLoRA
 from .sampler import StreamSampler
 from .timeline import PromptTimeline
-from .toy import ToyTextEncode
+from .toy import LoadToyTextEncoder
 from .train import TrainLoRA
 
-NODES = [LoadModel, LoadLoRA, PromptTimeline, StreamSampler, StreamingDecode, Benchmark, TrainLoRA, ToyTextEncode]
+NODES = [LoadModel, LoadLoRA, PromptTimeline, StreamSampler, StreamingDecode, Benchmark, TrainLoRA, LoadToyTextEncoder]
 
 
 class SelfForcingExtension(ComfyExtension):

@@ -14,7 +14,7 @@ import comfy.utils
 
 from ..sf_core.errors import SelfForcingError
 from ..sf_core.latents import denormalize, normalize
-from ..sf_core.vae import decoder_from_state_dict, vae_from_state_dict
+from ..sf_core.vae import decoder_from_state_dict, load_encoder, vae_from_state_dict
 from ..sf_core.wan.forward import WanBackbone, infer_config
 
 SUPPORTED_DIT = ("WanModel", "CausalWanModel")
@@ -81,6 +81,28 @@ def stream_decoder(vae, device=None, encoder: bool = False):
     except Exception as e:
         raise SelfForcingError(f"the connected VAE cannot stream Wan2.1 latents: {e}") from e
     return decoder
+
+
+AUTOENCODER = "self_forcing_autoencoder"  # a MODEL attachment: the path of the video autoencoder its latents need
+
+
+def attach_autoencoder(model, path) -> None:
+    """Record on a MODEL the autoencoder file whose latent space it generates (the toy model's: no stock VAE loader
+    reads it); clones (LoRA loaders) keep it."""
+    model.set_attachments(AUTOENCODER, str(path))
+
+
+def has_autoencoder(model) -> bool:
+    return model.get_attachment(AUTOENCODER) is not None
+
+
+def attached_autoencoder(model, device=None):
+    """The autoencoder a MODEL carries (see `attach_autoencoder`), encoder and decoder, on the compute device; None
+    for other models."""
+    path = model.get_attachment(AUTOENCODER)
+    if path is None:
+        return None
+    return load_encoder(path, device=device or mm.get_torch_device())
 
 
 def check_room(backbone: WanBackbone, need: int, what: str) -> None:

@@ -12,6 +12,7 @@ from comfy_api.latest import io
 
 from ..sf_core.checkpoints import dequantize_fp8, load_dit_checkpoint
 from ..sf_core.toy.models import check_shipped
+from . import bridge
 from .common import CATEGORY
 
 WEIGHT_DTYPES = {"default": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp8_e4m3fn": torch.float8_e4m3fn}
@@ -44,7 +45,9 @@ class LoadModel(io.ComfyNode):
     @classmethod
     def execute(cls, model_name, weight_dtype) -> io.NodeOutput:
         if model_name == TOY_DIT:
-            return io.NodeOutput(_load_toy(load_dit_checkpoint(_resolve(model_name)).state_dict))
+            model = _load_toy(load_dit_checkpoint(_resolve(model_name)).state_dict)
+            bridge.attach_autoencoder(model, check_shipped()["autoencoder"])  # the sampler decodes with it
+            return io.NodeOutput(model)
         ckpt = load_dit_checkpoint(_resolve(model_name))
         sd = ckpt.state_dict
         if any(k.endswith(".scale_weight") for k in sd):  # scaled fp8: dequantise for ComfyUI

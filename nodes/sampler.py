@@ -100,13 +100,16 @@ class StreamSampler(io.ComfyNode):
         h, w = latent_size_for(height, width)
         total = latent_frames_for(length)
         _, config = bridge.wan_dit(model)
+        # the connected VAE, else the autoencoder the model carries (the toy model's), else latent previews only
+        has_codec = vae is not None or bridge.has_autoencoder(model)
         if input_video is not None:
-            total = min(total, _input_latent_frames(vae, input_video, start_image, width, height))
+            total = min(total, _input_latent_frames(has_codec, input_video, start_image, width, height))
+        decoder = bridge.stream_decoder(vae, encoder=input_video is not None) if vae is not None else \
+            bridge.attached_autoencoder(model)
         prefix_frames = 0 if start_image is None else 1
         prompts = _timeline(timeline, positive, config, fps, frames_per_chunk,
                             -(-(total - prefix_frames) // frames_per_chunk))
-        prefix = _start_latent(vae, start_image, width, height) if start_image is not None else None
-        decoder = bridge.stream_decoder(vae, encoder=input_video is not None) if vae is not None else None
+        prefix = _start_latent(vae, decoder, start_image, width, height) if start_image is not None else None
         capacity = settings.cache_frames(total)
         cache_bytes = settings.cache_bytes(config, h, w, total, dtype=bridge.compute_dtype(model))
         bridge.load([model], memory_required=cache_bytes + (bridge.module_bytes(decoder) if decoder else 0))
@@ -228,11 +231,11 @@ def _clip_encoder(clip, config):
     return encode
 
 
-def _input_latent_frames(vae, frames, start_image, width, height) -> int:
+def _input_latent_frames(has_codec: bool, frames, start_image, width, height) -> int:
     """Check the input video (IMAGE [N, H, W, C]) before heavy work; its length in latent frames."""
     from ..sf_core.errors import SelfForcingError
 
-    if vae is None:
+    if not has_codec:
         raise SelfForcingError("an input video needs the VAE input to encode it")
     if start_image is not None:
         raise SelfForcingError("give either a start image or an input video, not both")
@@ -247,9 +250,14 @@ def _input_latent_frames(vae, frames, start_image, width, height) -> int:
     return 1 + (n - 1) // 4
 
 
-def _start_latent(vae, image, width, height) -> torch.Tensor:
-    if vae is None:
+def _start_latent(vae, codec, image, width, height) -> torch.Tensor:
+    """The start image, resized and centre-cropped, as one normalised latent frame [1, 16, 1, h, w]: encoded by the
+    connected VAE, else by the autoencoder the model carries."""
+    if vae is None and codec is None:
         raise SelfForcingError("a start image needs the VAE input to encode it")
     img = comfy.utils.common_upscale(image[:1].movedim(-1, 1), width, height, "bilinear", "center").movedim(1, -1)
+    if vae is None:
+        frames = img[:, :, :, :3].movedim(-1, 1).unsqueeze(2) * 2 - 1  # [1, 3, 1, H, W] in [-1, 1]
+        return codec.encode_normalized(frames.to(codec.device, codec.dtype)).float().cpu()
     mu = vae.encode(img[:, :, :, :3])  # [1, 16, 1, h, w], un-normalised
     return normalize(mu.float())

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.skipif(_skip is not None, reason=_skip or "")
 ROOT = Path(__file__).resolve().parents[1]
 WORKFLOWS = sorted((ROOT / "workflows").glob("*.json"))
 NODES = ["SelfForcingLoadModel", "SelfForcingLoadLoRA", "SelfForcingPromptTimeline", "SelfForcingStreamSampler",
-         "SelfForcingStreamingDecode", "SelfForcingBenchmark", "SelfForcingTrainLoRA"]
+         "SelfForcingStreamingDecode", "SelfForcingBenchmark", "SelfForcingTrainLoRA", "SelfForcingLoadToyTextEncoder"]
 PROMPT = "a red fox runs over the snow"
 SMALL = {"width": 64, "height": 48}
 
@@ -512,7 +512,7 @@ def test_toy_workflow_streams_the_prompted_objects_with_live_previews(comfy):
         pid = server.queue(prompt, client_id=ws.client_id)
         entry = server.wait(pid)
         ws.wait_done(pid)
-    previews = ws.previews("3")
+    previews = ws.previews("4")
     assert len(previews) >= 7  # 81 frames: 7 chunks, each shown
     shown = Image.open(io.BytesIO(previews[-1].image)).convert("RGB")
     assert shown.size == (64, 64)  # a decoded frame, not an upscaled 8x8 latent preview
@@ -528,11 +528,11 @@ def test_toy_workflow_streams_the_prompted_objects_with_live_previews(comfy):
     assert det.present[:, others].any(1).float().mean() < 0.2  # and nothing else
 
 
-def test_toy_text_encode_refuses_text_outside_the_toy_world(comfy):
+def test_toy_text_encoder_refuses_text_outside_the_toy_world(comfy):
     import workflow_sources as src
 
     server, _ = comfy
     prompt = json.loads(json.dumps(src.WORKFLOWS[src.TOY]))
-    prompt["2"]["inputs"]["text"] = "a red fox runs over the snow"
+    prompt["3"]["inputs"]["text"] = "a red fox runs over the snow"
     with pytest.raises(Exception, match="captions of the toy world"):
         _run(server, prompt)

@@ -140,3 +140,35 @@ def test_posts_without_a_running_stream_or_clip_get_a_clear_answer(comfy):
         status, body = _post(server, {"node_id": "5", "text": NEW, "client_id": ws.client_id})
         server.wait(prompt_id)
     assert status == 409 and "no CLIP connected" in body["error"], body
+
+
+def test_toy_live_prompt_changes_the_colour_on_screen(comfy):
+    """The toy template (model and text encoder shipped in the pack) with a live caption: the colour the detector
+    reads follows the posted caption from its chunk on, and the object keeps its place and shape (re-cache)."""
+    import av
+    import workflow_sources as src
+
+    from sf_core.toy import world
+    from sf_core.toy.detect import detect
+
+    server, _ = comfy
+    g = json.loads(json.dumps(src.WORKFLOWS[src.TOY]))
+    g["3"]["inputs"]["text"] = "a red circle stays still on a grey background"
+    g["4"]["inputs"].update(length=161, seed=1)  # 41 latent frames: 14 chunks, previews paced at 16 fps
+    with server.websocket(preview_metadata=True) as ws:
+        prompt_id = server.queue(g, ws.client_id)
+        ws.wait_for(lambda m: m.kind == "json" and m.type == "progress" and m.data.get("node") == "4", timeout=300)
+        status, body = _post(server, {"node_id": "4", "text": "a blue circle stays still on a grey background",
+                                      "client_id": ws.client_id})
+        assert status == 200, body
+        entry = server.wait(prompt_id)
+    k = body["applies_at_chunk"]
+    assert 1 <= k <= 11, body
+    video = next(f for f in server.output_files(entry) if f.suffix == ".mp4")
+    with av.open(str(video)) as c:
+        frames = torch.stack([torch.from_numpy(f.to_ndarray(format="rgb24")) for f in c.decode(video=0)])
+    det = detect(frames)
+    red, blue = world.COLOUR_NAMES.index("red"), world.COLOUR_NAMES.index("blue")
+    at = 9 + 12 * (k - 1)  # first video frame of chunk k (chunk 0 has 9 frames, the others 12)
+    assert (det.dominant[:at] == red).float().mean() > 0.8, det.dominant.tolist()
+    assert (det.dominant[at + 24 :] == blue).float().mean() > 0.8, det.dominant.tolist()

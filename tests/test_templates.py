@@ -33,7 +33,7 @@ def test_template_has_a_note_models_and_a_thumbnail(name):
             assert e["name"] in loader["widgets_values"] and e["url"].startswith("https://huggingface.co/")
     files = {e["name"] for entries in want.values() for e in entries}
     named = {v for n in src.WORKFLOWS[name].values() for k, v in n["inputs"].items()
-             if k == src.MODEL_WIDGETS.get(n["class_type"])}
+             if k == src.MODEL_WIDGETS.get(n["class_type"]) and v != src.EMBEDDED}
     assert files == named  # every model file the graph names has its download entry
     with Image.open(WORKFLOWS / f"{name}.jpg") as im:
         assert im.format == "JPEG" and im.size[0] >= 256

@@ -23,6 +23,7 @@ NOT_YET = pytest.mark.xfail(strict=True, reason=(
     "DiT on a shared 2-core CPU) draws backgrounds but no objects, and the students learn from it (MODEL_CARD.md)"))
 HELD_OUT = world.held_out_prompts()[::4]  # 8 of the 32 evaluation prompts
 CHUNK_FRAMES = 4 * FRAMES_PER_CHUNK  # video frames per chunk after the first
+RESTYLE_STRENGTH = 0.7
 
 
 @pytest.fixture(scope="module")
@@ -86,6 +87,21 @@ def test_rolling_window_with_sink_keeps_the_object_on_screen_at_4x_length(toy):
         c, _, _ = subject(p)
         seen = detect(video).present[:, c]
         assert seen.float().mean() > 0.9 and seen[-33:].float().mean() > 0.8, (p, seen.float().mean())
+
+
+@NOT_YET
+def test_video_to_video_restyles_the_colour_and_keeps_the_input_motion(toy):
+    scene = world.scene_from_caption("a red circle moves right on a grey background", seed=2)
+    video, truth = world.render([scene], 1 + 4 * (LATENT_FRAMES - 1))
+    out = toy.generate("a blue circle moves right on a grey background", LATENT_FRAMES, seed=0, video=video,
+                       strength=RESTYLE_STRENGTH)
+    det = detect(out)
+    blue = world.COLOUR_NAMES.index("blue")
+    assert (det.dominant == blue).float().mean() > 0.7, det.dominant.tolist()
+    seen = det.present[:, blue]
+    err = (det.centre[:, blue] - truth.centre[0, :, 0]).abs()
+    err = torch.minimum(err, world.SIZE - err).amax(-1)[seen]
+    assert err.median() < 4.0, err  # the restyled circle moves where the input's did
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ loader node carries `properties.models` (file, published URL, model folder) for 
 dialog.
 """
 
+from sf_core.toy.world import GRAMMAR
 from sf_core.train.cli import WAN_NEGATIVE_PROMPT
 
 DIT_PT = "self_forcing_dmd.pt"  # the official checkpoint, read by Load Self-Forcing Model
@@ -38,8 +39,11 @@ def _save(video_ref, prefix):
     return {"class_type": "SaveVideo", "inputs": {"video": video_ref, "filename_prefix": prefix, "format": "auto", "codec": "auto"}}
 
 
-T2V, LONG, I2V, TRAIN = ("Self-Forcing text to video", "Self-Forcing long video with a prompt timeline",
-                         "Self-Forcing image to video", "Self-Forcing LoRA training")
+T2V, LONG, I2V, TRAIN, TOY = ("Self-Forcing text to video", "Self-Forcing long video with a prompt timeline",
+                              "Self-Forcing image to video", "Self-Forcing LoRA training",
+                              "Self-Forcing toy world (no downloads)")
+EMBEDDED = "toy world (embedded)"  # the loader's option for the model shipped inside the pack (nothing to download)
+TOY_SAMPLER = {**SAMPLER, "width": 64, "height": 64, "length": 81, "shift": 1.0, "window": 9, "sink": 3}
 
 WORKFLOWS = {
     T2V: {
@@ -94,6 +98,15 @@ WORKFLOWS = {
               "inputs": {"model": ["4", 0], "positive": ["6", 0], "vae": ["7", 0], **SAMPLER}},
         "9": _save(["8", 2], "self_forcing/trained"),
     },
+    TOY: {
+        "1": {"class_type": "SelfForcingLoadModel", "inputs": {"model_name": EMBEDDED, "weight_dtype": "default"}},
+        "2": {"class_type": "SelfForcingLoadToyTextEncoder", "inputs": {}},
+        "3": {"class_type": "CLIPTextEncode",
+              "inputs": {"clip": ["2", 0], "text": "a red circle moves right and a blue square bounces on a grey background"}},
+        "4": {"class_type": "SelfForcingStreamSampler",
+              "inputs": {"model": ["1", 0], "positive": ["3", 0], "clip": ["2", 0], **TOY_SAMPLER}},
+        "5": _save(["4", 2], "self_forcing/toy"),
+    },
 }
 
 _MODELS_NOTE = ("Models (the missing-models dialog offers the links when a file is absent):\n"
@@ -120,6 +133,14 @@ NOTES = {
             "video with it. Needs a large GPU (both models resident).\n\nChange: prompts (one per line), "
             "lora_name, iterations, rank, learning rates.\n\n" + _MODELS_NOTE +
             "\n- models/diffusion_models/wan2.1_t2v_1.3B_fp16.safetensors (teacher): same repackaged repository"),
+    TOY: ("The toy world, with nothing to download: a small Self Forcing model shipped inside the pack, trained on "
+          "videos of coloured shapes (sf_core/toy/models/MODEL_CARD.md). It runs on a CPU in seconds and streams "
+          "the same way as the real model: chunks of 3 latent frames, 4 steps each, a rolling cache (window 9, "
+          "sink 3); the sampler decodes with the toy autoencoder the model carries, so no VAE is connected. "
+          "While it streams, type a new caption into the sampler's live prompt box: it takes over at the next "
+          "chunk.\n\n"
+          f"Change: the caption, in the world's grammar: {GRAMMAR}; length; seed.\n\nFor real videos use the other templates with the Self Forcing "
+          "weights."),
 }
 
 
@@ -138,7 +159,7 @@ def fast(prompt: dict) -> dict:
     """Shrink sizes and counts so a CPU runs a shipped graph in seconds (structure unchanged)."""
     for node in prompt.values():
         ins = node["inputs"]
-        if node["class_type"] == "SelfForcingStreamSampler":
+        if node["class_type"] == "SelfForcingStreamSampler" and ins["width"] > 64:
             ins.update(width=64, height=48, length=97 if ins.get("window") else 25)
         if node["class_type"] == "SelfForcingPromptTimeline":
             ins["timeline"] = "0s: a fox in the snow\n2s: the fox looks at the camera\n4s: the fox jumps"
