@@ -4,12 +4,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from safetensors.torch import load_file
+
+from ..config import WanConfig
+from .diffusion import FRAMES_PER_CHUNK, SHIFT, STEPS
 from .evaluate import markdown_table
 from .models import FILES
 from .world import BACKGROUND_NAMES, COLOURS, FPS, GRAMMAR, MOTION_PHRASES, SHAPES, SIZE, TRAIN_BACKGROUNDS, TRAIN_OBJECTS
 
 
 def model_card(table: dict, state: dict, folder: Path, detector: dict) -> str:
+    dit = load_file(str(folder / FILES["dit"]))
+    cfg, params = WanConfig.from_state_dict(dit), sum(v.numel() for v in dit.values())
     sizes = "\n".join(f"| {k} | `{v}` | {(folder / v).stat().st_size / 1e6:.2f} MB |" for k, v in FILES.items())
     stages = "\n".join(f"| {name} | {rec.get('cpu_s', 0):.0f} | {rec.get('wall_s', 0):.0f} |"
                        for name, rec in state["stages"].items())
@@ -40,8 +46,10 @@ their captions: {GRAMMAR}.
 - autoencoder `{FILES['autoencoder']}`: the TAEHV architecture (encoder and decoder, `sf_core.vae.taehv`),
   16 latent channels, 8x spatial and 4x temporal compression, trained on rendered clips; reads and writes the DiT's
   normalised latents.
-- DiT `{FILES['dit']}`: Wan2.1 DiT layout (dim 128, 4 layers, 1 head of 128, text dim 64; `sf_core.checkpoints.load_dit`),
-  the causal chunk-wise Self Forcing student: chunks of 3 latent frames, steps 1000/750/500/250, shift 1.
+- DiT `{FILES['dit']}`: Wan2.1 DiT layout (dim {cfg.dim}, {cfg.num_layers} layers, {cfg.num_heads} head of {cfg.head_dim},
+  text dim {cfg.text_dim}, patch {"x".join(map(str, cfg.patch_size))}, {params / 1e6:.2f}M parameters;
+  `sf_core.checkpoints.load_dit`), the causal chunk-wise Self Forcing student: chunks of {FRAMES_PER_CHUNK} latent
+  frames, steps {"/".join(str(int(t)) for t in STEPS)}, shift {SHIFT:g}.
 
 ## Recipe (`python -m sf_core.toy.recipe`, resumable, from seeds)
 1. tokenizer and frozen random UMT5; 2. autoencoder on rendered clips; 3. dataset: rendered 33-frame clips encoded

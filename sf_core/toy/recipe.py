@@ -71,6 +71,7 @@ class RecipeConfig:
     teacher_steps: int = 4000
     teacher_batch: int = 16
     teacher_lr: float = 1e-3
+    dit_patch: int = 2
     ode_count: int = 512
     ode_steps: int = 20
     student_steps: int = 800
@@ -273,8 +274,8 @@ class Recipe:
         c = self.cfg
         data = self._dataset()
         z, emb, index, uncond = data["latents"], data["emb"], data["index"], data["uncond"]
-        model = new_dit(c.seed + 1)
-        ema = new_dit(c.seed + 1).requires_grad_(False)
+        model = new_dit(c.seed + 1, c.dit_patch)
+        ema = new_dit(c.seed + 1, c.dit_patch).requires_grad_(False)
         ema.load_state_dict(model.state_dict())
         opt = torch.optim.AdamW(model.parameters(), lr=c.teacher_lr, weight_decay=0.01)
         ckpt, step = self.work / "teacher.ckpt.pt", 0
