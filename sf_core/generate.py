@@ -124,7 +124,7 @@ def resolve_models(args, log=print) -> None:
     toy = toy_defaults()
     args.decoder = "taehv"
     args.width, args.height = args.width or toy["width"], args.height or toy["height"]
-    for key, default in (("shift", 5.0), ("window", 0), ("sink", 0)):
+    for key, default in (("shift", 5.0), ("window", 0), ("sink", 0), ("switch", "recache")):
         if getattr(args, key) == default:  # the real models' default: the toy models' own applies
             setattr(args, key, toy[key])
     args.toy = True

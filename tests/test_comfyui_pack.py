@@ -496,7 +496,7 @@ def test_compile_input_gives_the_eager_video_on_stock_fp8_weights(comfy):
 
 def test_toy_workflow_streams_the_prompted_objects_with_live_previews(comfy):
     """The toy template as shipped (81 frames, 64x64): the model carries its autoencoder, so with no VAE connected
-    the previews are decoded frames, one set per chunk, and the video shows the caption's objects."""
+    the previews are decoded frames, one set per chunk, and the video shows the timeline's objects, cut at 3 s."""
     import io
 
     import av
@@ -521,11 +521,13 @@ def test_toy_workflow_streams_the_prompted_objects_with_live_previews(comfy):
         frames = torch.stack([torch.from_numpy(f.to_ndarray(format="rgb24")) for f in c.decode(video=0)])
     assert frames.shape == (81, 64, 64, 3)
     det = detect(frames)
-    asked = [world.COLOUR_NAMES.index(c) for c in ("red", "blue")]  # "a red circle ... and a blue square ..."
-    for c in asked:
-        assert det.present[:, c].float().mean() > 0.6, world.COLOUR_NAMES[c]
-    others = [c for c in range(len(world.COLOUR_NAMES)) if c not in asked]
-    assert det.present[:, others].any(1).float().mean() < 0.2  # and nothing else
+    colour = {c: world.COLOUR_NAMES.index(c) for c in world.COLOUR_NAMES}
+    first, second = det.present[:45], det.present[57:]  # before the cut at 3 s (frame 48), from a chunk after it
+    for c in ("red", "blue"):  # "a red circle moves right and a blue square bounces on a grey background"
+        assert first[:, colour[c]].float().mean() > 0.6, c
+    assert second[:, colour["green"]].float().mean() > 0.6  # "3s: a green triangle orbits on a black background"
+    others = [i for c, i in colour.items() if c not in ("red", "blue")]
+    assert first[:, others].any(1).float().mean() < 0.2  # and nothing else before the cut
 
 
 def test_toy_text_encoder_refuses_text_outside_the_toy_world(comfy):
@@ -533,6 +535,6 @@ def test_toy_text_encoder_refuses_text_outside_the_toy_world(comfy):
 
     server, _ = comfy
     prompt = json.loads(json.dumps(src.WORKFLOWS[src.TOY]))
-    prompt["3"]["inputs"]["text"] = "a red fox runs over the snow"
+    prompt["3"]["inputs"]["timeline"] = "0s: a red fox runs over the snow"
     with pytest.raises(Exception, match="captions of the toy world"):
         _run(server, prompt)

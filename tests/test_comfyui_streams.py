@@ -144,7 +144,7 @@ def test_posts_without_a_running_stream_or_clip_get_a_clear_answer(comfy):
 
 def test_toy_live_prompt_changes_the_colour_on_screen(comfy):
     """The toy template (model and text encoder shipped in the pack) with a live caption: the colour the detector
-    reads follows the posted caption from its chunk on, and the object keeps its place and shape (re-cache)."""
+    reads follows the posted caption from its chunk on (the template's timeline switches by cut)."""
     import av
     import workflow_sources as src
 
@@ -153,7 +153,7 @@ def test_toy_live_prompt_changes_the_colour_on_screen(comfy):
 
     server, _ = comfy
     g = json.loads(json.dumps(src.WORKFLOWS[src.TOY]))
-    g["3"]["inputs"]["text"] = "a red circle stays still on a grey background"
+    g["3"]["inputs"]["timeline"] = "0s: a red circle stays still on a grey background"  # switch: cut
     g["4"]["inputs"].update(length=161, seed=1)  # 41 latent frames: 14 chunks, previews paced at 16 fps
     with server.websocket(preview_metadata=True) as ws:
         prompt_id = server.queue(g, ws.client_id)

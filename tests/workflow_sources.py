@@ -101,10 +101,11 @@ WORKFLOWS = {
     TOY: {
         "1": {"class_type": "SelfForcingLoadModel", "inputs": {"model_name": EMBEDDED, "weight_dtype": "default"}},
         "2": {"class_type": "SelfForcingLoadToyTextEncoder", "inputs": {}},
-        "3": {"class_type": "CLIPTextEncode",
-              "inputs": {"clip": ["2", 0], "text": "a red circle moves right and a blue square bounces on a grey background"}},
+        "3": {"class_type": "SelfForcingPromptTimeline", "inputs": {"clip": ["2", 0], "switch": "cut", "timeline": (
+            "0s: a red circle moves right and a blue square bounces on a grey background\n"
+            "3s: a green triangle orbits on a black background")}},
         "4": {"class_type": "SelfForcingStreamSampler",
-              "inputs": {"model": ["1", 0], "positive": ["3", 0], "clip": ["2", 0], **TOY_SAMPLER}},
+              "inputs": {"model": ["1", 0], "timeline": ["3", 0], "clip": ["2", 0], **TOY_SAMPLER}},
         "5": _save(["4", 2], "self_forcing/toy"),
     },
 }
@@ -137,9 +138,10 @@ NOTES = {
           "videos of coloured shapes (sf_core/toy/models/MODEL_CARD.md). It runs on a CPU in seconds and streams "
           "the same way as the real model: chunks of 3 latent frames, 4 steps each, a rolling cache (window 9, "
           "sink 3); the sampler decodes with the toy autoencoder the model carries, so no VAE is connected. "
-          "While it streams, type a new caption into the sampler's live prompt box: it takes over at the next "
-          "chunk.\n\n"
-          f"Change: the caption, in the world's grammar: {GRAMMAR}; length; seed.\n\nFor real videos use the other templates with the Self Forcing "
+          "At 3 s the timeline cuts to a new scene (the toy models keep the cached scene's colours after a "
+          "re-cache, so switches cut). While it streams, type a caption into the sampler's live prompt box: it "
+          "takes over at the next chunk.\n\n"
+          f"Change: the timeline's captions, in the world's grammar: {GRAMMAR}; length; seed.\n\nFor real videos use the other templates with the Self Forcing "
           "weights."),
 }
 
@@ -156,10 +158,13 @@ def model_entries(prompt: dict) -> dict[str, list[dict]]:
 
 
 def fast(prompt: dict) -> dict:
-    """Shrink sizes and counts so a CPU runs a shipped graph in seconds (structure unchanged)."""
+    """Shrink sizes and counts so a CPU runs a shipped graph in seconds (structure unchanged). The toy graph is
+    fast as it is (and its captions must stay in the toy world's grammar)."""
+    if any(n["class_type"] == "SelfForcingLoadToyTextEncoder" for n in prompt.values()):
+        return prompt
     for node in prompt.values():
         ins = node["inputs"]
-        if node["class_type"] == "SelfForcingStreamSampler" and ins["width"] > 64:
+        if node["class_type"] == "SelfForcingStreamSampler":
             ins.update(width=64, height=48, length=97 if ins.get("window") else 25)
         if node["class_type"] == "SelfForcingPromptTimeline":
             ins["timeline"] = "0s: a fox in the snow\n2s: the fox looks at the camera\n4s: the fox jumps"

@@ -52,9 +52,10 @@ def check_shipped(folder: Path = MODELS_DIR) -> dict[str, Path]:
 
 
 def toy_defaults() -> dict:
-    """`generate` defaults for the toy models: their size, schedule and a rolling window of the trained length."""
+    """`generate` defaults for the toy models: their size, schedule, a rolling window of the trained length, and
+    prompt switches by cut (the toy students keep the cached scene's colours after a re-cache; see the model card)."""
     return {"decoder": "taehv", "width": 64, "height": 64, "shift": SHIFT, "window": LATENT_FRAMES,
-            "sink": FRAMES_PER_CHUNK, "steps": ",".join(str(int(s)) for s in STEPS)}
+            "sink": FRAMES_PER_CHUNK, "steps": ",".join(str(int(s)) for s in STEPS), "switch": "cut"}
 
 
 def toy_settings(window: int | None = None, sink: int = 0, switch: str = "recache", strength: float = 1.0,
