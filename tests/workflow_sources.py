@@ -103,7 +103,7 @@ WORKFLOWS = {
         "2": {"class_type": "SelfForcingLoadToyTextEncoder", "inputs": {}},
         "3": {"class_type": "SelfForcingPromptTimeline", "inputs": {"clip": ["2", 0], "switch": "cut", "timeline": (
             "0s: a red circle moves right and a blue square bounces on a grey background\n"
-            "3s: a green triangle orbits on a black background")}},
+            "3s: a white circle orbits on a black background")}},
         "4": {"class_type": "SelfForcingStreamSampler",
               "inputs": {"model": ["1", 0], "timeline": ["3", 0], "clip": ["2", 0], **TOY_SAMPLER}},
         "5": _save(["4", 2], "self_forcing/toy"),
