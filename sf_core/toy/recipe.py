@@ -77,7 +77,7 @@ class RecipeConfig:
     student_steps: int = 800
     student_batch: int = 16
     student_lr: float = 2e-4
-    dmd_iterations: int = 200
+    dmd_iterations: int = 600
     dmd_batch: int = 8
     dmd_rank: int = 32
     dmd_lr: float = 3e-4
