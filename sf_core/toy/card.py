@@ -77,6 +77,16 @@ length (33 frames); "@4x": every 33-frame window of a {table['long_frames']}-fra
 
 {markdown_table(table)}
 
+## What the models do and do not do
+Tested in `tests/test_toy_models.py` (thresholds from the table above): the Self Forcing student draws the
+prompt's colour on held-out prompts, keeps a start image's object (image-to-video), keeps its object on screen
+over a 4x longer rolling-window stream with a sink, and a prompt switch by cut starts the new prompt's scene at its
+chunk. Strict expected failures there: shapes and motions are at chance for every model, the bidirectional teacher
+included (a 1.25M-parameter DiT on 4x4 tokens per latent frame, trained for 4000 steps, does not learn them; a
+token per latent cell, `--dit-patch 1`, is the next lever), after a re-cached switch the students keep the cached
+scene's colour (none was trained on prompt switches), and video-to-video changes the colour only from strength 0.8,
+where the input's position is no longer followed. The toy defaults of `generate` therefore switch prompts by cut.
+
 ## Licence
 Apache-2.0, like the rest of the project. The weights are generated entirely by the recipe from seeds; no external
 data or weights.
