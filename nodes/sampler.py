@@ -233,8 +233,6 @@ def _clip_encoder(clip, config):
 
 def _input_latent_frames(has_codec: bool, frames, start_image, width, height) -> int:
     """Check the input video (IMAGE [N, H, W, C]) before heavy work; its length in latent frames."""
-    from ..sf_core.errors import SelfForcingError
-
     if not has_codec:
         raise SelfForcingError("an input video needs the VAE input to encode it")
     if start_image is not None:
