@@ -6,7 +6,7 @@ from comfy_api.latest import io
 
 from ..sf_core.errors import SelfForcingError
 from ..sf_core.latents import latent_size_for
-from ..sf_core.options import SAMPLING, STREAMING, stream_settings  # noqa: F401  (stream_settings: for the nodes)
+from ..sf_core.options import SAMPLING, STREAMING, TRAINING, stream_settings, train_settings  # noqa: F401  (settings: for the nodes)
 
 CATEGORY = "Self Forcing"
 Timeline = io.Custom("SF_PROMPT_TIMELINE")
@@ -30,6 +30,11 @@ def sampling_inputs():
 def stream_inputs():
     """Video-to-video and live-steering inputs of the stream sampler (optional; `sf_core.options.STREAMING`)."""
     return [_node_input(o) for o in STREAMING]
+
+
+def training_inputs():
+    """The DMD knobs of the Train LoRA node (`sf_core.options.TRAINING`)."""
+    return [_node_input(o) for o in TRAINING]
 
 
 def _node_input(o):

@@ -20,9 +20,9 @@ from ..sf_core.train.plot import loss_curve
 from ..sf_core.train.session import run_session
 from ..sf_core.pipeline import to_uint8_frames
 from ..sf_core.train.state import check_state, read_state
-from ..sf_core.train.trainer import TrainSettings, Trainer, sample
+from ..sf_core.train.trainer import Trainer, sample
 from . import bridge
-from .common import CATEGORY, check_size, size_inputs
+from .common import CATEGORY, check_size, size_inputs, train_settings, training_inputs
 
 
 class TrainLoRA(io.ComfyNode):
@@ -43,12 +43,7 @@ class TrainLoRA(io.ComfyNode):
                 io.String.Input("negative_prompt", multiline=True, default=WAN_NEGATIVE_PROMPT,
                                 tooltip="The teacher's unconditional prompt (Wan's negative prompt)."),
                 io.String.Input("lora_name", default="self_forcing_lora", tooltip="File name in models/loras (.safetensors)."),
-                io.Int.Input("iterations", default=200, min=1, max=100000, tooltip="Critic steps; the generator steps every critic_ratio of them."),
-                io.Int.Input("rank", default=32, min=1, max=1024, tooltip="LoRA rank (alpha = rank) on every Linear of the blocks."),
-                io.Float.Input("learning_rate", default=1e-4, min=1e-7, max=1.0, step=1e-6, tooltip="AdamW learning rate of the generator LoRA."),
-                io.Float.Input("critic_learning_rate", default=2e-5, min=1e-7, max=1.0, step=1e-6, tooltip="AdamW learning rate of the critic LoRA."),
-                io.Int.Input("critic_ratio", default=5, min=1, max=100, tooltip="Critic steps per generator step."),
-                io.Float.Input("guidance", default=3.0, min=0.0, max=20.0, tooltip="Teacher CFG: cond + g (cond - uncond)."),
+                *training_inputs(),  # iterations, rank, learning_rate, critic_learning_rate, critic_ratio, guidance
                 *size_inputs(),
                 io.Int.Input("length", default=81, min=1, max=1001, step=TIME_STRIDE, tooltip="Video frames per rollout (1 + 4k)."),
                 io.Int.Input("frames_per_chunk", default=3, min=1, max=21, tooltip="Latent frames per chunk of the rollout (as at inference)."),
@@ -76,10 +71,9 @@ class TrainLoRA(io.ComfyNode):
         return check_size(width, height)
 
     @classmethod
-    def execute(cls, model, teacher, clip, prompts, negative_prompt, lora_name, iterations, rank, learning_rate,
-                critic_learning_rate, critic_ratio, guidance, width, height, length, frames_per_chunk, seed,
-                gradient_checkpointing, resume, save_every, overwrite=False, vae=None,
-                preview_every=25) -> io.NodeOutput:
+    def execute(cls, model, teacher, clip, prompts, negative_prompt, lora_name, width, height, length, frames_per_chunk,
+                seed, gradient_checkpointing, resume, save_every, overwrite=False, vae=None, preview_every=25,
+                **dmd) -> io.NodeOutput:
         lines = [ln.strip() for ln in prompts.splitlines() if ln.strip()]
         if not lines:
             raise SelfForcingError("no prompts to train on: write one prompt per line")
@@ -88,10 +82,9 @@ class TrainLoRA(io.ComfyNode):
         if model.get_model_object("diffusion_model") is teacher.get_model_object("diffusion_model"):
             raise SelfForcingError("the teacher must be a separate model (load the Wan2.1 base model for it)")
         h, w = latent_size_for(height, width)
-        settings = TrainSettings(
-            iterations=iterations, rank=rank, lr=learning_rate, critic_lr=critic_learning_rate, critic_ratio=critic_ratio,
-            guidance=guidance, latent_frames=latent_frames_for(length), latent_height=h, latent_width=w,
-            frames_per_chunk=frames_per_chunk, seed=seed, checkpointing=gradient_checkpointing, save_every=save_every)
+        settings = train_settings(
+            dmd, latent_frames=latent_frames_for(length), latent_height=h, latent_width=w, frames_per_chunk=frames_per_chunk,
+            seed=seed, checkpointing=gradient_checkpointing, save_every=save_every)
         name = lora_name.strip().removesuffix(".safetensors")
         lora_path = Path(folder_paths.get_folder_paths("loras")[0]) / f"{name}.safetensors"
         ckpt_dir = Path(folder_paths.get_output_directory()) / "self_forcing_training"
@@ -114,6 +107,7 @@ class TrainLoRA(io.ComfyNode):
             for dit in (generator_dit, teacher_dit):
                 _make_trainable(dit)
             trainer = Trainer(generator_dit, teacher_dit, texts, negative, settings, dtype=bridge.compute_dtype(model))
+            iterations = settings.iterations
             live = bridge.LiveProgress(cls.hidden.unique_id, iterations)
 
             def on_step(info):

@@ -1,7 +1,7 @@
-"""The sampling options, declared once: the CLI flags (`add_arguments`) and the ComfyUI node inputs
-(`nodes/common.sampling_inputs` / `stream_inputs`) are both derived from `SAMPLING` and `STREAMING`, and
-`stream_settings` turns values of either into `StreamSettings` (which validates them). `parse_steps` is the one
-step-list parser.
+"""The sampling and training options, declared once: the CLI flags (`add_arguments`) and the ComfyUI node inputs
+(`nodes/common.sampling_inputs` / `stream_inputs` / `training_inputs`) are derived from `SAMPLING`, `STREAMING`
+and `TRAINING`; `stream_settings` / `train_settings` turn values of either into `StreamSettings` /
+`TrainSettings` (which validate them). `parse_steps` is the one step-list parser.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from .errors import SelfForcingError
 from .schedule import SELF_FORCING_STEPS
 from .steering import BLEND_MODES
 from .stream import CONTEXT_SOURCES, StreamSettings
+from .train.trainer import TrainSettings
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,20 @@ STREAMING: tuple[Option, ...] = (
 )
 
 
+#: The DMD knobs of LoRA training: flags of `train`, inputs of the Train LoRA node (name -> TrainSettings field).
+TRAINING: tuple[Option, ...] = (
+    Option("iterations", int, 600, "Critic steps; the generator steps every critic_ratio of them.", min=1, max=100000),
+    Option("rank", int, 32, "LoRA rank on every Linear of the blocks (alpha = rank).", min=1, max=1024),
+    Option("learning_rate", float, 1e-4, "AdamW learning rate of the generator LoRA.", flag="--lr", min=1e-7,
+           max=1.0, step=1e-6),
+    Option("critic_learning_rate", float, 2e-5, "AdamW learning rate of the critic LoRA.", flag="--critic-lr",
+           min=1e-7, max=1.0, step=1e-6),
+    Option("critic_ratio", int, 5, "Critic steps per generator step.", min=1, max=100),
+    Option("guidance", float, 3.0, "Teacher CFG: real = cond + g (cond - uncond); 3 is CFG 4.", min=0.0, max=20.0),
+)
+_TRAIN_FIELDS = {"learning_rate": "lr", "critic_learning_rate": "critic_lr"}
+
+
 def add_arguments(parser: argparse.ArgumentParser, group: tuple[Option, ...] = SAMPLING) -> None:
     """The flags of a group: SAMPLING (`--frames-per-chunk`, `--steps`, `--shift`, `--window`, `--sink`,
     `--sink-positions`) or STREAMING (`--strength`, `--context`, `--blend-chunks`, `--blend`)."""
@@ -85,6 +100,12 @@ def parse_steps(text: str) -> tuple[float, ...]:
     except ValueError:
         raise SelfForcingError(
             f"denoising steps must be numbers separated by commas, like 1000,750,500,250; got {text!r}") from None
+
+
+def train_settings(values: Mapping[str, Any] | argparse.Namespace, **more) -> TrainSettings:
+    """Training option values (node inputs, or parsed flags) -> TrainSettings; `more`: its other fields."""
+    v = vars(values) if isinstance(values, argparse.Namespace) else values
+    return TrainSettings(**{_TRAIN_FIELDS.get(o.name, o.name): v.get(o.name, o.default) for o in TRAINING}, **more)
 
 
 def stream_settings(values: Mapping[str, Any] | argparse.Namespace, switch: str = "recache", **more) -> StreamSettings:

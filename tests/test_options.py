@@ -1,5 +1,6 @@
-"""Sampling options declared once: the generate and bench flags come from one declaration and give the same
-settings; the memory plan of a stream equals what its cache allocates."""
+"""Sampling and training options declared once: the generate and bench flags come from one declaration and give
+the same settings, the train flags and the Train LoRA node's inputs from another; the memory plan of a stream equals
+what its cache allocates."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import torch
 from sf_core.cli import build_parser
 from sf_core.config import WanConfig
 from sf_core.errors import SelfForcingError
-from sf_core.options import SAMPLING, stream_settings
+from sf_core.options import SAMPLING, TRAINING, stream_settings, train_settings
 from sf_core.stream import Stream, StreamSettings
 from sf_core.wan import WanBackbone
 
@@ -55,3 +56,19 @@ def test_memory_plan_equals_the_cache_a_stream_allocates(tiny_model, window, sin
 def test_unbounded_stream_without_a_window_is_refused(tiny_model):
     with pytest.raises(SelfForcingError, match="needs a window"):
         StreamSettings().cache_bytes(WanConfig.preset("tiny"), 4, 4, None)
+
+
+def test_train_flags_and_node_values_give_the_same_training_settings():
+    parser = build_parser()
+    args = parser.parse_args(["train", "--model", "m", "--teacher", "t", "--text-encoder", "e", "--prompts", "p",
+                              "-o", "o.safetensors", "--iterations", "7", "--rank", "4", "--lr", "3e-4",
+                              "--critic-lr", "5e-5", "--critic-ratio", "2", "--guidance", "1.5"])
+    node = {"iterations": 7, "rank": 4, "learning_rate": 3e-4, "critic_learning_rate": 5e-5, "critic_ratio": 2,
+            "guidance": 1.5}  # the Train LoRA node's inputs of the same names
+    a, b = train_settings(args), train_settings(node)
+    assert a == b and (a.iterations, a.rank, a.lr, a.critic_lr, a.critic_ratio, a.guidance) == (7, 4, 3e-4, 5e-5, 2, 1.5)
+    defaults = train_settings(parser.parse_args(["train", "--model", "m", "--teacher", "t", "--text-encoder", "e",
+                                                 "--prompts", "p", "-o", "o.safetensors"]))
+    assert defaults == train_settings({}) and defaults.iterations == 600
+    assert [o.cli_flag for o in TRAINING] == ["--iterations", "--rank", "--lr", "--critic-lr", "--critic-ratio",
+                                              "--guidance"]  # the spellings users already type

@@ -22,6 +22,7 @@ import torch
 
 from ..checkpoints import load_dit
 from ..errors import SelfForcingError
+from .. import options
 from .. import preflight as pf
 from ..io import DTYPES, compute_dtype
 from ..paths import check_paths
@@ -54,13 +55,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="continue from --checkpoint")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing OUTPUT and start afresh over an existing --checkpoint")
-    p.add_argument("--iterations", type=int, default=600)
-    p.add_argument("--rank", type=int, default=32)
-    p.add_argument("--alpha", type=float, default=None)
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--critic-lr", type=float, default=2e-5)
-    p.add_argument("--critic-ratio", type=int, default=5)
-    p.add_argument("--guidance", type=float, default=3.0, help="real = cond + g (cond - uncond); 3 = CFG 4")
+    options.add_arguments(p, options.TRAINING)  # --iterations --rank --lr --critic-lr --critic-ratio --guidance
+    p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: the rank)")
     p.add_argument("--frames", type=int, default=81, help="video frames of each rollout (1 + 4k)")
     p.add_argument("--width", type=int, default=832)
     p.add_argument("--height", type=int, default=480)
@@ -82,11 +78,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def settings_from(args) -> TrainSettings:
     h, w = latent_size_for(args.height, args.width)
-    return TrainSettings(
-        iterations=args.iterations, rank=args.rank, alpha=args.alpha, lr=args.lr, critic_lr=args.critic_lr,
-        critic_ratio=args.critic_ratio, guidance=args.guidance, latent_frames=latent_frames_for(args.frames),
-        latent_height=h, latent_width=w, frames_per_chunk=args.frames_per_chunk, batch=args.batch,
-        grad_accum=args.grad_accum, ema=args.ema or None, ema_start=args.ema_start,
+    return options.train_settings(
+        args, alpha=args.alpha, latent_frames=latent_frames_for(args.frames), latent_height=h, latent_width=w,
+        frames_per_chunk=args.frames_per_chunk, batch=args.batch, grad_accum=args.grad_accum, ema=args.ema or None,
+        ema_start=args.ema_start,
         checkpointing=not args.no_checkpointing, save_every=args.save_every, seed=args.seed,
     )
 
@@ -103,8 +98,8 @@ def preflight(args, world_size: int = 1) -> tuple[TrainSettings, list[str], Path
     """Every check before heavy work: values, devices, paths (inputs never outputs, no silent replacing),
     what each file is, the resume checkpoint against this run, a lower bound of the memory needed."""
     device = pf.check_device(args.device)
-    pf.positive("--lr", args.lr)
-    pf.positive("--critic-lr", args.critic_lr)
+    pf.positive("--lr", args.learning_rate)
+    pf.positive("--critic-lr", args.critic_learning_rate)
     pf.finite("--guidance", args.guidance)
     if args.alpha is not None:
         pf.positive("--alpha", args.alpha)
