@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from safetensors.torch import load_file
@@ -13,7 +14,8 @@ from .models import FILES
 from .world import BACKGROUND_NAMES, COLOURS, FPS, GRAMMAR, MOTION_PHRASES, SHAPES, SIZE, TRAIN_BACKGROUNDS, TRAIN_OBJECTS
 
 
-def model_card(table: dict, state: dict, folder: Path, detector: dict) -> str:
+def model_card(table: dict, state: dict, folder: Path, detector: dict, config) -> str:
+    settings = ", ".join(f"{k} {v}" for k, v in dataclasses.asdict(config).items())
     dit = load_file(str(folder / FILES["dit"]))
     cfg, params = WanConfig.from_state_dict(dit), sum(v.numel() for v in dit.values())
     sizes = "\n".join(f"| {k} | `{v}` | {(folder / v).stat().st_size / 1e6:.2f} MB |" for k, v in FILES.items())
@@ -58,6 +60,8 @@ to latents; 4. teacher: bidirectional Wan DiT, flow matching, 10% caption dropou
 (block-causal attention, earlier chunks clean in the context); 7. DMD with `sf_core.train.Trainer` (teacher = real
 score, critic = teacher + LoRA) from that student, equal iterations for Self Forcing, Teacher Forcing and Diffusion
 Forcing rollouts; 8. evaluation; 9. ship the Self Forcing student (LoRA merged).
+
+Settings (the defaults of `RecipeConfig`, each a flag of the command): {settings}.
 
 CPU time per stage (seconds, `time.process_time` of the recipe process; wall time on a shared 2-core machine):
 

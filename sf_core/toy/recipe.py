@@ -435,7 +435,7 @@ class Recipe:
         table = json.loads((self.work / "table.json").read_text())
         detector = accuracy([sample_scene(100_000 + i, train=False) for i in range(64)], 33)
         with atomic_path(self.out / "MODEL_CARD.md") as tmp:
-            Path(tmp).write_text(model_card(table, self.state, self.out, detector))
+            Path(tmp).write_text(model_card(table, self.state, self.out, detector, self.cfg))
         (self.out / "MODEL_CARD.md").chmod(0o644)
         return {"files": sorted(FILES.values())}
 
