@@ -136,8 +136,6 @@ def accuracy(scenes, frames: int) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m sf_core.toy.detect --scenes 64 --frames 33`: the detector's accuracy on rendered videos (JSON)."""
-
-
     p = argparse.ArgumentParser(prog="python -m sf_core.toy.detect", description=main.__doc__)
     p.add_argument("--scenes", type=int, default=64)
     p.add_argument("--frames", type=int, default=33)

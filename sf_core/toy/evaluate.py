@@ -91,7 +91,6 @@ def evaluate_students(students: dict[str, Path], folder: Path = MODELS_DIR, prom
         uncond = toy.encode([""])
         results["bidirectional teacher (20 steps, CFG)"] = evaluate_teacher(toy, teacher, chosen, uncond, seed)
     for name, path in students.items():
-
         toy.backbone = WanBackbone(load_dit(path)[0])
         with torch.no_grad():
             results[name] = evaluate_student(toy, chosen, seed)

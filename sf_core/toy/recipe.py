@@ -148,7 +148,6 @@ class Recipe:
 
     # ---- shared pieces -----------------------------------------------------------------------
     def text_encoder(self):
-
         return load_text_encoder(self.out / FILES["text_encoder"])
 
     def embed(self, captions: list[str]) -> torch.Tensor:
@@ -160,30 +159,24 @@ class Recipe:
         return emb[:, :TEXT_LEN].contiguous()
 
     def autoencoder(self):
-
-
         return TAEHV.from_state_dict(load_file(str(self.out / FILES["autoencoder"])))
 
     def _dit(self, path: Path):
-
         return load_dit(path)[0]
 
     # ---- stages ------------------------------------------------------------------------------
     def stage_tokenizer(self):
-
         spm = train_tokenizer(self.cfg.seed)
         with atomic_path(self.work / "spiece.model") as tmp:
             Path(tmp).write_bytes(spm)
         return {"bytes": len(spm)}
 
     def stage_text_encoder(self):
-
         sd = random_text_encoder((self.work / "spiece.model").read_bytes(), self.cfg.seed)
         _save_st(sd, self.out / FILES["text_encoder"])
         return {"params": sum(v.numel() for k, v in sd.items() if k != "spiece_model")}
 
     def stage_autoencoder(self):
-
         c = self.cfg
         ckpt = self.work / "autoencoder.ckpt.pt"
         model = new_autoencoder(c.seed)
@@ -212,7 +205,6 @@ class Recipe:
         return {"final_mse": last.get("mse"), "latent_stats_loss": last.get("stats")}
 
     def stage_decoder(self):
-
         c = self.cfg
         ckpt = self.work / "decoder.ckpt.pt"
         model = self.autoencoder()
@@ -242,7 +234,6 @@ class Recipe:
         return {"final_mse": last.get("mse")}
 
     def stage_dataset(self):
-
         c = self.cfg
         ae = self.autoencoder()
         frames = 1 + 4 * (LATENT_FRAMES - 1)
@@ -270,7 +261,6 @@ class Recipe:
         return torch.load(self.work / "dataset.pt", weights_only=True)
 
     def stage_teacher(self):
-
         c = self.cfg
         data = self._dataset()
         z, emb, index, uncond = data["latents"], data["emb"], data["index"], data["uncond"]
@@ -313,7 +303,6 @@ class Recipe:
         return {"loss_ema": run}
 
     def stage_ode(self):
-
         c = self.cfg
         data = self._dataset()
         teacher = WanBackbone(self._dit(self.work / "teacher.safetensors"))
@@ -332,7 +321,6 @@ class Recipe:
         return {"trajectories": c.ode_count}
 
     def stage_student(self):
-
         c = self.cfg
         data = self._dataset()
         ode = torch.load(self.work / "ode.pt", weights_only=True)
@@ -369,7 +357,6 @@ class Recipe:
         return {"loss_ema": run}
 
     def _dmd(self, kind: str):
-
         c = self.cfg
         data = self._dataset()
         g = torch.Generator().manual_seed(c.seed + 5)
@@ -415,7 +402,6 @@ class Recipe:
         return self._dmd("diffusion")
 
     def stage_evaluate(self):
-
         students = {"ODE init (no DMD)": self.work / "student_ode.safetensors",
                     "Teacher Forcing + DMD": self.work / "student_teacher.safetensors",
                     "Diffusion Forcing + DMD": self.work / "student_diffusion.safetensors",
@@ -427,8 +413,6 @@ class Recipe:
         return {"table": str(self.work / "table.json")}
 
     def stage_ship(self):
-
-
         sd = load_file(str(self.work / "student_self.safetensors"))
         _save_st(sd, self.out / FILES["dit"], metadata={"recipe": "sf_core.toy.recipe", "stage": "dmd_self"})
 
@@ -452,7 +436,6 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.fresh and Path(args.work).exists():
-
         shutil.rmtree(args.work)
     cfg = RecipeConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(RecipeConfig)})
     try:
