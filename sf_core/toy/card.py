@@ -47,7 +47,8 @@ their captions: {GRAMMAR}.
   (ComfyUI text-encoder layout; `sf_core.text.load_text_encoder`).
 - autoencoder `{FILES['autoencoder']}`: the TAEHV architecture (encoder and decoder, `sf_core.vae.taehv`),
   16 latent channels, 8x spatial and 4x temporal compression, trained on rendered clips; reads and writes the DiT's
-  normalised latents.
+  normalised latents; its first three channels are held to a thumbnail of the frame (each 8x8 block's mean colour),
+  the others to unit statistics.
 - DiT `{FILES['dit']}`: Wan2.1 DiT layout (dim {cfg.dim}, {cfg.num_layers} layers, {cfg.num_heads} head of {cfg.head_dim},
   text dim {cfg.text_dim}, patch {"x".join(map(str, cfg.patch_size))}, {params / 1e6:.2f}M parameters;
   `sf_core.checkpoints.load_dit`), the causal chunk-wise Self Forcing student: chunks of {FRAMES_PER_CHUNK} latent
