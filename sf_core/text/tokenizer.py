@@ -17,10 +17,11 @@ EOS (id 1); a prompt longer than the length keeps its first L-1 pieces and EOS a
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 from pathlib import Path
-from typing import Callable, Sequence, Union
+from typing import Callable, Iterable, Sequence, Union
 
 import sentencepiece
 import torch
@@ -83,6 +84,18 @@ class Tokenizer:
             ids[row, : len(pieces)] = torch.tensor(pieces, dtype=torch.long)
             mask[row, : len(pieces)] = True
         return ids, mask
+
+
+def train_sentencepiece(sentences: Iterable[str], vocab_size: int, model_type: str = "unigram") -> bytes:
+    """A sentencepiece model trained on `sentences` with UMT5's special ids (pad 0, eos 1, unk 2, no bos);
+    returns the serialized model proto (what a text-encoder file embeds as `spiece_model`)."""
+    out = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(sentences), model_writer=out, vocab_size=vocab_size, model_type=model_type,
+        pad_id=0, eos_id=1, unk_id=2, bos_id=-1, character_coverage=1.0, hard_vocab_limit=False, minloglevel=2,
+        num_threads=1,
+    )
+    return out.getvalue()
 
 
 def _sentencepiece_tokenizer(model_proto: bytes, source: str) -> Tokenizer:

@@ -5,13 +5,14 @@ so `sf_core.text.load_text_encoder` reads it like the real one.
 
 from __future__ import annotations
 
-import io
 import random
 
 import torch
 
+from ..text import load_tokenizer
 from ..text.layouts import LAYOUTS
 from ..text.model import UMT5Config
+from ..text.tokenizer import train_sentencepiece
 from .world import BACKGROUND_NAMES, COLOUR_NAMES, MOTIONS, PANS, SHAPES, ObjectSpec, Scene, caption, sample_scene
 
 TEXT_DIM = 64
@@ -32,21 +33,11 @@ def grammar_sentences(n_random: int = 2000, seed: int = 0) -> list[str]:
 
 def train_tokenizer(seed: int = 0, vocab_size: int = 48) -> bytes:
     """A word-level sentencepiece model of the grammar with UMT5's special ids (pad 0, eos 1, unk 2, no bos)."""
-    import sentencepiece as spm
-
-    out = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(grammar_sentences(seed=seed)), model_writer=out, vocab_size=vocab_size,
-        model_type="word", pad_id=0, eos_id=1, unk_id=2, bos_id=-1, character_coverage=1.0,
-        hard_vocab_limit=False, minloglevel=2, num_threads=1,
-    )
-    return out.getvalue()
+    return train_sentencepiece(grammar_sentences(seed=seed), vocab_size, model_type="word")
 
 
 def random_text_encoder(spiece: bytes, seed: int = 0) -> dict[str, torch.Tensor]:
     """A random UMT5 sized for the tokenizer, in ComfyUI's HF layout, with `spiece_model` embedded."""
-    from ..text import load_tokenizer
-
     vocab = load_tokenizer(spiece).vocab_size
     cfg = text_config(vocab)
     g = torch.Generator().manual_seed(seed)

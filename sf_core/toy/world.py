@@ -93,9 +93,8 @@ class Scene:
 # ---- captions ---------------------------------------------------------------------------------
 GRAMMAR = ("'a <colour> <shape> <motion>', objects joined by 'and', then "
            + " or ".join(f"'on a {b} background'" for b in TRAIN_BACKGROUNDS)
-           + f" (colours {', '.join(COLOURS)}; shapes {', '.join(SHAPES)}; motions "
-           + ", ".join(MOTION_PHRASES.values()).replace("moves left, moves right, moves up, moves down",
-                                                          "moves left/right/up/down") + ")")
+           + f" (colours {', '.join(COLOURS)}; shapes {', '.join(SHAPES)}; motions moves left/right/up/down, "
+           + ", ".join(MOTION_PHRASES[m] for m in MOTIONS[4:]) + ")")
 def object_phrase(o: ObjectSpec) -> str:
     article = "an" if o.colour[0] in "aeiou" else "a"
     return f"{article} {o.colour} {o.shape} {MOTION_PHRASES[o.motion]}"
