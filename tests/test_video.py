@@ -74,7 +74,12 @@ def test_float_torch_and_uint8_numpy_inputs_agree(tmp_path):
             w.write(frames)
     a, _ = read_video(tmp_path / "a.mp4")
     b, _ = read_video(tmp_path / "b.mp4")
-    assert torch.equal(a, b)
+    # x264's threaded encoder is not bit-exact from run to run on every machine, so the two files are compared as
+    # pictures: both close to the source (a float input read as 0..255, or not clamped, would be far off).
+    source = torch.from_numpy(u8).float()
+    for decoded in (a, b):
+        assert (decoded.float() - source).abs().mean() < 12  # 4:2:0 chroma on saturated gradients
+    assert (a.float() - b.float()).abs().mean() < 2
 
 
 def test_odd_size_is_padded_to_even(tmp_path):
