@@ -4,7 +4,7 @@ and the embedded default of `python -m sf_core generate`.
 Thresholds come from the recipe's table (sf_core/toy/models/MODEL_CARD.md; 18 held-out prompts x 2 seeds): each
 sits about half-way between chance, or the weakest student, and what the shipped Self Forcing student measured,
 so a model that lost half of what it learned fails. What the toy models do not do (shapes and motions beyond
-chance, a re-cached switch that changes the colour, restyling at a strength that keeps the input's motion) stays
+chance, a re-cached switch that keeps the subject in place, restyling at a strength that keeps the input's motion) stays
 as strict expected failures that assert in full: they turn into failures to update when a model that does ships.
 """
 
@@ -14,15 +14,18 @@ import pytest
 from sf_core.toy import world
 from sf_core.toy.detect import detect
 from sf_core.toy.diffusion import FRAMES_PER_CHUNK, LATENT_FRAMES
-from sf_core.toy.metrics import JUMP, mean_scores, score, subject
+from sf_core.toy.evaluate import evaluate_switch
+from sf_core.toy.metrics import mean_scores, score, subject
 from sf_core.toy.models import Toy, check_shipped
 
-# Table, Self Forcing + DMD at 33 frames: colour 0.94 (chance 1/6, ODE init 0.69); 4x stream on screen 0.90, last
-# window 0.87 (Teacher Forcing 0.73, ODE init 0.51). Shape 0.32 and motion 0.17 are at chance (1/3, 1/9) for every
+# Table, the shipped student (Self Forcing + DMD + switch tuning) at 33 frames: colour 0.91 (chance 1/6); 4x stream
+# on screen 0.89, last window 0.88 (ODE init 0.58, 0.51); re-cached colour switch followed 0.72 (the Self Forcing
+# student before switch tuning 0.39), in place 0.14. Shape 0.30 and motion 0.19 are at chance (1/3, 1/9) for every
 # model, the bidirectional teacher included (0.32, 0.22): not learned at this size and CPU budget.
-MIN_COLOUR = 0.55  # half-way between chance (0.17) and 0.94
-MIN_ON_SCREEN_4X, MIN_ON_SCREEN_LAST = 0.7, 0.65  # half-way between the ODE init and the shipped student
-MIN_SHAPE, MIN_MOTION = 0.5, 0.4  # what a model that draws the asked shape and motion would clear
+MIN_COLOUR = 0.54  # half-way between chance (0.17) and 0.91
+MIN_ON_SCREEN_4X, MIN_ON_SCREEN_LAST = 0.73, 0.69  # half-way between the ODE init and the shipped student
+MIN_SWITCH_FOLLOWED = 0.55  # half-way between the student before switch tuning and the shipped one
+MIN_SHAPE, MIN_MOTION, MIN_IN_PLACE = 0.5, 0.4, 0.5  # what a model that does these would clear
 HELD_OUT = world.held_out_prompts()  # the 18 evaluation prompts, one seed each
 CHUNK_FRAMES = 4 * FRAMES_PER_CHUNK  # video frames per chunk after the first (the first chunk has 9)
 RESTYLE_STRENGTH = 0.7
@@ -75,19 +78,19 @@ def test_prompt_switch_by_cut_changes_the_colour_at_its_chunk(toy):
         assert (before == red).float().mean() >= 0.75 and (after == blue).float().mean() >= 0.75, det.dominant.tolist()
 
 
-@_not_learned("after a re-cache the students keep the cached scene's colour; none was trained on switches")
-def test_prompt_switch_recache_changes_colour_within_two_chunks_and_keeps_the_rest(toy):
-    red, blue = world.COLOUR_NAMES.index("red"), world.COLOUR_NAMES.index("blue")
-    jumps_recache, jumps_cut = [], []
-    for seed in range(3):
-        det, at = _switch(toy, "recache", seed)
-        before, after = det.dominant[at - 4 : at], det.dominant[at + 2 * CHUNK_FRAMES - 4 : at + 2 * CHUNK_FRAMES]
-        assert (before == red).all() and (after == blue).all(), (det.dominant.tolist(), at)
-        jumps_recache.append((det.centre[at + CHUNK_FRAMES, blue] - det.centre[at - 1, red]).abs().max())
-        cut, at = _switch(toy, "cut", seed)
-        jumps_cut.append((cut.centre[at + CHUNK_FRAMES, blue] - cut.centre[at - 1, red]).abs().max())
-    assert max(jumps_recache) < JUMP, jumps_recache  # the object stays where it was
-    assert sum(jumps_cut) > sum(jumps_recache), (jumps_cut, jumps_recache)  # a cut starts a new scene
+@pytest.fixture(scope="module")
+def switch_scores(toy):
+    return evaluate_switch(toy, HELD_OUT)
+
+
+def test_prompt_switch_recache_turns_the_subject_to_the_new_colour_within_two_chunks(switch_scores):
+    """Each held-out prompt switches (re-cache) to the same caption in another colour at chunk 2."""
+    assert switch_scores["followed"] >= MIN_SWITCH_FOLLOWED, switch_scores
+
+
+@_not_learned("after a re-cached switch the new colour mostly appears elsewhere while the old object fades")
+def test_prompt_switch_recache_keeps_the_subject_in_place(switch_scores):
+    assert switch_scores["in_place"] >= MIN_IN_PLACE, switch_scores
 
 
 def test_image_to_video_keeps_the_start_frame_object(toy):
@@ -123,7 +126,8 @@ def test_rolling_window_with_sink_keeps_the_object_on_screen_at_4x_length(toy):
 
 def test_the_attention_sink_keeps_the_subject_longer_than_a_plain_rolling_window(toy):
     """8x the trained length: in the last 33 frames the subject is on screen more often with a 3-frame sink than
-    without one (measured 0.83 vs 0.76 over the 18 prompts)."""
+    without one (measured 0.89 vs 0.87 over the 18 prompts with the shipped student; 0.83 vs 0.76 with the Self
+    Forcing student before switch tuning)."""
     def last_window_on_screen(sink):
         seen = []
         for i, p in enumerate(HELD_OUT):
@@ -186,3 +190,13 @@ def test_demo_frames_show_the_prompted_colours(demo):
     assert det.present.any(1).float().mean() > 0.9
     red, green = world.COLOUR_NAMES.index("red"), world.COLOUR_NAMES.index("green")
     assert (det.dominant[:8] == red).float().mean() >= 0.75 and (det.dominant[-8:] == green).float().mean() >= 0.75
+
+
+def test_motion_steering_counts_the_clips_motion_when_nothing_is_re_noised(toy):
+    """At sigma 0 the instrument returns each rendered clip through the autoencoder: every video keeps its own
+    motion and none shows the other caption's (the ceiling's motion is 1.00)."""
+    from sf_core.toy.evaluate import motion_steering
+    from sf_core.toy.models import shipped_files
+
+    steer = motion_steering(toy, shipped_files()["dit"], sigmas=(0.0,), seeds=1)
+    assert steer == {0.0: {"target": 0.0, "source": 1.0}}, steer

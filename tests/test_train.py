@@ -273,3 +273,34 @@ def test_resume_refuses_another_rollout_context():
         check_state({"settings": {**saved, "context": "teacher"}, "world_size": 1}, settings)
     older = {k: v for k, v in saved.items() if k != "context"}
     check_state({"settings": older, "world_size": 1}, settings)  # no LoRA configs given: settings only
+
+
+def test_switch_rollouts_change_prompt_at_the_drawn_chunk(monkeypatch):
+    with pytest.raises(SelfForcingError, match="self context"):
+        TrainSettings(**SMALL, switch=0.5, context="teacher")
+    tr, _, _ = _trainer(frames_per_chunk=2, switch=1.0)
+    at = tr.switch_chunk("generator")
+    assert at in (1, 2)  # 6 latent frames in chunks of 2: a switch at the second or third chunk
+    gens = tr.sample_generators("generator")
+    text = tr._sample_prompts(gens)
+    other = -text
+    plain = tr.rollout(text, 3, tr.sample_generators("generator"), grad=False)
+    switched = tr.rollout(text, 3, tr.sample_generators("generator"), grad=False, switch=(other, at))
+    assert torch.equal(plain[:, :, : 2 * at], switched[:, :, : 2 * at])  # the same video up to the switch
+    assert (plain[:, :, 2 * at :] - switched[:, :, 2 * at :]).abs().max() > 1e-4  # another prompt after it
+    # DMD and the critic judge the frames made after the switch as a clip of their own, under the new prompt
+    seen = []
+    x0 = tr._x0
+    tr._x0 = lambda backbone, prompt, x_t, t: seen.append(x_t.shape[2]) or x0(backbone, prompt, x_t, t)
+    at = tr.switch_chunk("generator")
+    loss = tr.generator_loss()
+    loss.backward()
+    assert torch.isfinite(loss) and seen and set(seen) == {6 - 2 * at}, (seen, at)
+    seen.clear()
+    at = tr.switch_chunk("critic")
+    from sf_core.train import trainer as trainer_module
+    critic = trainer_module.critic_loss
+    monkeypatch.setattr(trainer_module, "critic_loss", lambda x, *a: seen.append(x.shape[2]) or critic(x, *a))
+    tr.critic_loss()
+    assert seen == [6 - 2 * at], (seen, at)
+    tr.close()

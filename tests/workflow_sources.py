@@ -138,8 +138,8 @@ NOTES = {
           "videos of coloured shapes (sf_core/toy/models/MODEL_CARD.md). It runs on a CPU in seconds and streams "
           "the same way as the real model: chunks of 3 latent frames, 4 steps each, a rolling cache (window 9, "
           "sink 3); the sampler decodes with the toy autoencoder the model carries, so no VAE is connected. "
-          "At 3 s the timeline cuts to a new scene (the toy models keep the cached scene's colours after a "
-          "re-cache, so switches cut). While it streams, type a caption into the sampler's live prompt box: it "
+          "At 3 s the timeline cuts to a new scene (after a re-cache the toy model mostly brings the new colour "
+          "in elsewhere instead of recolouring in place, so switches cut). While it streams, type a caption into the sampler's live prompt box: it "
           "takes over at the next chunk.\n\n"
           f"Change: the timeline's captions, in the world's grammar: {GRAMMAR}; length; seed.\n\nFor real videos use the other templates with the Self Forcing "
           "weights."),

@@ -2,6 +2,7 @@
 on a 4x longer rolling-window stream (window = the trained length, sink = the first chunk).
 
     python -m sf_core.toy.evaluate --student toy_recipe_state/student_self.safetensors --prompts 32
+    python -m sf_core.toy.evaluate --steer toy_recipe_state/teacher.safetensors   # where the teacher decides motion
 """
 
 from __future__ import annotations
@@ -17,10 +18,11 @@ from ..checkpoints import load_dit
 from ..schedule import FlowSchedule
 from ..wan.forward import WanBackbone
 from .detect import detect
-from .diffusion import FRAMES_PER_CHUNK, LATENT_FRAMES, SHIFT, ode_trajectories
-from .metrics import mean_scores, score, windows
+from .diffusion import FRAMES_PER_CHUNK, GUIDANCE, LATENT_FRAMES, SHIFT, ode_trajectories
+from .metrics import JUMP, classify_motion, mean_scores, score, subject, windows, wrap
 from .models import MODELS_DIR, Toy
-from .world import held_out_prompts, render, scene_from_caption
+from .world import (COLOUR_NAMES, MOTION_PHRASES, ObjectSpec, Scene, caption, held_out_prompts, parse_caption, render,
+                    scene_from_caption)
 
 LONG = 4  # the long stream is this many times the trained length
 TRAINED_FRAMES = 1 + 4 * (LATENT_FRAMES - 1)  # 33 video frames
@@ -43,6 +45,38 @@ def evaluate_student(toy: Toy, prompts: list[str], seed: int = 0) -> dict:
            "long_last": mean_scores(last)}
     out["drift"] = {k: out["long_last"][k] - out["long_first"][k] for k in out["trained"]}
     return out
+
+
+SWITCH_CHUNK = 2  # the re-cached prompt switch of `evaluate_switch` comes at this chunk of a 12-latent-frame stream
+
+
+def recoloured(text: str) -> str:
+    """The caption with its subject in the next colour of the world's list (a one-attribute prompt edit)."""
+    objects, bg, pan = parse_caption(text)
+    colour, shape, motion = objects[0]
+    new = COLOUR_NAMES[(COLOUR_NAMES.index(colour) + 1) % len(COLOUR_NAMES)]
+    return caption(Scene(tuple(ObjectSpec(*o) for o in [(new, shape, motion), *objects[1:]]), bg, pan))
+
+
+def evaluate_switch(toy: Toy, prompts: list[str], seed: int = 0) -> dict:
+    """Re-cached prompt switches that change the subject's colour, at chunk SWITCH_CHUNK of a rolling stream:
+    'followed': share of the last four frames of the second chunk after the switch whose dominant colour is the
+    new one; 'in_place': share of switches followed (>= 3 of those 4 frames) with the subject where it was (its
+    centre one chunk after the switch within JUMP of its last centre before)."""
+    followed, in_place = [], []
+    chunk = 4 * FRAMES_PER_CHUNK  # video frames per chunk after the first
+    at = 1 + 4 * (FRAMES_PER_CHUNK - 1) + chunk * (SWITCH_CHUNK - 1)  # first video frame of the switch chunk
+    for i, p in enumerate(prompts):
+        q = recoloured(p)
+        video = toy.generate([(0, p), (SWITCH_CHUNK, q)], 4 * FRAMES_PER_CHUNK, seed=seed + i, window=LATENT_FRAMES,
+                             sink=FRAMES_PER_CHUNK, switch="recache")
+        det = detect(video)
+        old, new = subject(p)[0], subject(q)[0]
+        share = (det.dominant[at + 2 * chunk - 4 : at + 2 * chunk] == new).float().mean()
+        jump = wrap(det.centre[at + chunk, new] - det.centre[at - 1, old]).abs().max()
+        followed.append(float(share))
+        in_place.append(float(share >= 0.75 and bool(det.present[at - 1, old]) and float(jump) < JUMP))
+    return {"followed": sum(followed) / len(followed), "in_place": sum(in_place) / len(in_place)}
 
 
 @torch.no_grad()
@@ -78,6 +112,40 @@ def evaluate_teacher(toy: Toy, teacher: Path, prompts: list[str], uncond: torch.
     return {"trained": mean_scores(scores), "long": None, "drift": None}
 
 
+STEER_PAIRS = (("right", "left"), ("left", "right"), ("still", "up"), ("up", "down"), ("grow", "shrink"), ("orbit", "still"))
+
+
+@torch.no_grad()
+def motion_steering(toy: Toy, teacher: Path, sigmas=(1.0, 0.85, 0.7, 0.5), seeds: int = 3, n: int = 20) -> dict:
+    """Where the bidirectional teacher decides motion: a rendered clip of a red circle with one motion is noised to
+    sigma and sampled back (Euler, CFG) under the caption of another motion. -> {sigma: {"target": share of videos
+    with the caption's motion, "source": share with the clip's}}. A teacher that reads motion from text follows the
+    caption at high sigma; one whose motion comes from the noise does not."""
+    backbone = WanBackbone(load_dit(teacher)[0])
+    uncond = backbone.encode_text(toy.encode([""]))
+    red = COLOUR_NAMES.index("red")
+    out = {}
+    for sigma in sigmas:
+        target = source = total = 0
+        for src, dst in STEER_PAIRS:
+            kv = backbone.encode_text(toy.encode([f"a red circle {MOTION_PHRASES[dst]} on a grey background"]))
+            for seed in range(seeds):
+                scene = scene_from_caption(f"a red circle {MOTION_PHRASES[src]} on a grey background", seed)
+                x0 = toy.autoencoder.encode_normalized(render([scene], TRAINED_FRAMES)[0])
+                g = torch.Generator().manual_seed(seed)
+                x = (1 - sigma) * x0 + sigma * torch.randn(x0.shape, generator=g)
+                levels = [sigma * (1 - i / n) for i in range(n + 1)]
+                for a, b in zip(levels[:-1], levels[1:]):
+                    t = torch.full((1, x.shape[2]), a * 1000.0)
+                    v_c, v_u = backbone(x, t, kv), backbone(x, t, uncond)
+                    x = x + (b - a) * (v_c + GUIDANCE * (v_c - v_u))
+                det = detect(toy.autoencoder.decode_normalized(x)[0])
+                got = classify_motion(det.centre[:, red], det.size[:, red], det.present[:, red])
+                target, source, total = target + (got == dst), source + (got == src), total + 1
+        out[sigma] = {"target": target / total, "source": source / total}
+    return out
+
+
 def evaluate_students(students: dict[str, Path], folder: Path = MODELS_DIR, prompts: int = 32, seed: int = 0,
                       log=print, seeds: int = 2, teacher: Path | None = None) -> dict:
     """{name: DiT file} -> {"prompts": [...], "results": {name: evaluate_student(...)}}: the first `prompts` held-out
@@ -94,6 +162,7 @@ def evaluate_students(students: dict[str, Path], folder: Path = MODELS_DIR, prom
         toy.backbone = WanBackbone(load_dit(path)[0])
         with torch.no_grad():
             results[name] = evaluate_student(toy, chosen, seed)
+            results[name]["switch"] = evaluate_switch(toy, chosen, seed)
         log(f"[evaluate] {name}: {json.dumps(results[name]['trained'])}")
     return {"prompts": unique, "seeds_per_prompt": seeds, "seed": seed, "trained_frames": TRAINED_FRAMES,
             "long_frames": 1 + 4 * (LONG * LATENT_FRAMES - 1), "window": LATENT_FRAMES, "sink": FRAMES_PER_CHUNK,
@@ -106,8 +175,8 @@ METRICS = ("colour", "shape", "motion", "consistency", "on_screen")
 def markdown_table(table: dict) -> str:
     """The results as a markdown table: trained length, 4x stream (all windows), drift (last - first window)."""
     head = "| student | " + " | ".join(f"{m} @33" for m in METRICS[:4]) + " | " + \
-        " | ".join(f"{m} @4x" for m in METRICS[:4]) + " | colour drift | shape drift |"
-    rows = [head, "|" + "---|" * (2 + 8 + 2 - 1)]
+        " | ".join(f"{m} @4x" for m in METRICS[:4]) + " | colour drift | shape drift | re-cached switch followed | in place |"
+    rows = [head, "|" + "---|" * (2 + 8 + 2 + 2 - 1)]
     for name, r in table["results"].items():
         cells = [f"{r['trained'][m]:.2f}" for m in METRICS[:4]]
         if r.get("long") is None:  # not a stream (the bidirectional teacher)
@@ -115,19 +184,31 @@ def markdown_table(table: dict) -> str:
         else:
             cells += [f"{r['long'][m]:.2f}" for m in METRICS[:4]]
             cells += [f"{r['drift']['colour']:+.2f}", f"{r['drift']['shape']:+.2f}"]
+        switch = r.get("switch")
+        cells += ["—"] * 2 if switch is None else [f"{switch['followed']:.2f}", f"{switch['in_place']:.2f}"]
         rows.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m sf_core.toy.evaluate", description=__doc__.split("\n\n")[0])
-    p.add_argument("--student", action="append", required=True, help="DiT file (repeat); name=path also works")
+    p.add_argument("--student", action="append", default=[], help="DiT file (repeat); name=path also works")
+    p.add_argument("--steer", metavar="TEACHER", help="instead: where this bidirectional teacher decides motion "
+                   "(a clip re-noised to each sigma, sampled under another motion's caption)")
     p.add_argument("--prompts", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--seeds", type=int, default=2, help="seeds per prompt")
     p.add_argument("--models", default=str(MODELS_DIR), help="folder with the toy autoencoder and text encoder")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
+    if args.steer:
+        steer = motion_steering(Toy.load(args.steer, Path(args.models)), Path(args.steer))
+        print("| sigma | follows the caption's motion | keeps the clip's motion |\n|---|---|---|")
+        for sigma, r in steer.items():
+            print(f"| {sigma:g} | {r['target']:.2f} | {r['source']:.2f} |")
+        return 0
+    if not args.student:
+        p.error("give --student (or --steer)")
     students = dict((s.split("=", 1) if "=" in s else (Path(s).stem, s)) for s in args.student)
     table = evaluate_students({k: Path(v) for k, v in students.items()}, Path(args.models), args.prompts, args.seed,
                               log=lambda m: print(m, file=sys.stderr), seeds=args.seeds)

@@ -24,7 +24,7 @@ JUMP = 8.0  # pixels between consecutive frames; the world's fastest motion move
 MOVE = 0.4  # pixels per frame of mean velocity that count as a straight motion (the world's is 1.0)
 
 
-def _wrap(d: torch.Tensor) -> torch.Tensor:
+def wrap(d: torch.Tensor) -> torch.Tensor:
     return torch.remainder(d + SIZE / 2, SIZE) - SIZE / 2
 
 
@@ -37,7 +37,7 @@ def classify_motion(centre: torch.Tensor, size: torch.Tensor, seen: torch.Tensor
     if idx.numel() < 4:
         return "still"
     c, s, tt = centre[idx], size[idx], idx.float()
-    step = _wrap(c[1:] - c[:-1]) / (tt[1:] - tt[:-1]).unsqueeze(-1)  # [N-1, 2] pixels per frame
+    step = wrap(c[1:] - c[:-1]) / (tt[1:] - tt[:-1]).unsqueeze(-1)  # [N-1, 2] pixels per frame
     v = step.mean(0)
     if v.abs().max() > MOVE:
         if v[0].abs() >= v[1].abs():
@@ -90,7 +90,7 @@ def score(det: Detection, text: str) -> Scores:
     # out: the toy autoencoder blurs shapes, so frame-to-frame shape calls would measure the decoder, not the model.)
     d = dom.clamp_min(0)
     centre = det.centre[torch.arange(len(d)), d]
-    jump = _wrap(centre[1:] - centre[:-1]).norm(dim=-1)
+    jump = wrap(centre[1:] - centre[:-1]).norm(dim=-1)
     keep = (dom[1:] == dom[:-1]) & (dom[1:] >= 0) & (jump < JUMP)
     consistency = keep.float().mean() if keep.numel() else torch.tensor(1.0)
     return Scores(float(colour), float(shape), float(got == motion), float(consistency), float(seen.float().mean()))

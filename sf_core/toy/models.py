@@ -53,7 +53,8 @@ def check_shipped(folder: Path = MODELS_DIR) -> dict[str, Path]:
 
 def toy_defaults() -> dict:
     """`generate` defaults for the toy models: their size, schedule, a rolling window of the trained length, and
-    prompt switches by cut (the toy students keep the cached scene's colours after a re-cache; see the model card)."""
+    prompt switches by cut (after a re-cache the shipped student mostly brings the new colour in elsewhere rather
+    than recolouring the subject in place; see the model card)."""
     return {"decoder": "taehv", "width": 64, "height": 64, "shift": SHIFT, "window": LATENT_FRAMES,
             "sink": FRAMES_PER_CHUNK, "steps": ",".join(str(int(s)) for s in STEPS), "switch": "cut"}
 

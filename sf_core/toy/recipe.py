@@ -15,8 +15,11 @@ Stages (outputs in --work unless shipped):
                  DMD (sf_core.train.Trainer) from the same student, equal iterations, with the cache holding the
                  student's own chunks (Self Forcing) / ground truth (Teacher Forcing) / noised ground truth
                  (Diffusion Forcing)
-  evaluate       held-out prompts, trained length and a 4x longer rolling-window stream -> table.json
-  ship           the Self Forcing student                           -> models/toy_self_forcing_dit.safetensors,
+  dmd_switch     the Self Forcing student tuned on rollouts whose prompt switches (re-cache) at a random chunk,
+                 the frames after the switch judged as a clip of their own under the new prompt
+  evaluate       held-out prompts, trained length, a 4x longer rolling-window stream and re-cached colour
+                 switches                                           -> table.json
+  ship           the switch-tuned Self Forcing student              -> models/toy_self_forcing_dit.safetensors,
                  and the model card                                 -> models/MODEL_CARD.md
 Every stage records its CPU time (process time) and wall time in <work>/state.json.
 """
@@ -55,7 +58,7 @@ from .text import random_text_encoder, train_tokenizer
 from .world import TRAIN_BACKGROUNDS, TRAIN_OBJECTS, caption, render, sample_scene
 
 STAGES = ("tokenizer", "text_encoder", "autoencoder", "dataset", "decoder", "teacher", "ode", "student",
-          "dmd_self", "dmd_teacher", "dmd_diffusion", "evaluate", "ship")
+          "dmd_self", "dmd_teacher", "dmd_diffusion", "dmd_switch", "evaluate", "ship")
 TEXT_LEN = 32  # caption embeddings are stored this long (the grammar's longest caption is shorter); zeros follow
 
 
@@ -83,6 +86,8 @@ class RecipeConfig:
     dmd_lr: float = 3e-4
     dmd_critic_lr: float = 6e-4
     dmd_critic_ratio: int = 2
+    switch_iterations: int = 600  # dmd_switch: iterations of prompt-switch tuning from the Self Forcing student
+    switch_share: float = 1.0  # dmd_switch: share of rollouts whose prompt switches
     eval_prompts: int = 24
     save_every: int = 100
 
@@ -356,26 +361,30 @@ class Recipe:
         _save_st({k: v.detach().contiguous() for k, v in model.state_dict().items()}, self.work / "student_ode.safetensors")
         return {"loss_ema": run}
 
-    def _dmd(self, kind: str):
+    def _dmd(self, kind: str, start: str = "student_ode", name: str | None = None, switch: float = 0.0, seed: int = 11,
+             iterations: int | None = None):
+        """DMD from the `start` student with the `kind` context; `switch`: share of prompt-switch rollouts."""
         c = self.cfg
+        name = name or kind
+        iterations = iterations or c.dmd_iterations
         data = self._dataset()
         g = torch.Generator().manual_seed(c.seed + 5)
         pick = torch.randperm(data["latents"].shape[0], generator=g)[:512]  # the same prompts for every paradigm
         prompts = data["emb"][data["index"][pick]].float()
         videos = data["latents"][pick].float()
         settings = TrainSettings(
-            iterations=c.dmd_iterations, rank=c.dmd_rank, lr=c.dmd_lr, critic_lr=c.dmd_critic_lr,
+            iterations=iterations, rank=c.dmd_rank, lr=c.dmd_lr, critic_lr=c.dmd_critic_lr,
             critic_ratio=c.dmd_critic_ratio, ema=None, checkpointing=False, latent_frames=LATENT_FRAMES,
             latent_height=8, latent_width=8, frames_per_chunk=FRAMES_PER_CHUNK, denoising_steps=STEPS, shift=SHIFT,
-            guidance=GUIDANCE, batch=c.dmd_batch, seed=c.seed + 11, save_every=25, context=kind,
+            guidance=GUIDANCE, batch=c.dmd_batch, seed=c.seed + seed, save_every=25, context=kind, switch=switch,
         )
-        gen = self._dit(self.work / "student_ode.safetensors")
+        gen = self._dit(self.work / f"{start}.safetensors")
         teacher = self._dit(self.work / "teacher.safetensors")
         trainer = Trainer(gen, teacher, prompts, data["uncond"], settings, videos=videos if kind != "self" else None)
-        ckpt = self.work / f"dmd_{kind}.ckpt.pt"
+        ckpt = self.work / f"dmd_{name}.ckpt.pt"
         if ckpt.exists():
             trainer.resume(ckpt)
-        bar = _bar(c.dmd_iterations, trainer.iteration, f"dmd ({kind} forcing)")
+        bar = _bar(iterations, trainer.iteration, f"dmd ({name})")
         last = {}
 
         def on_step(info):
@@ -388,7 +397,7 @@ class Recipe:
         lora = trainer.final_lora()
         trainer.close()
         lora.merge(gen)
-        _save_st({k: v.detach().contiguous() for k, v in gen.state_dict().items()}, self.work / f"student_{kind}.safetensors")
+        _save_st({k: v.detach().contiguous() for k, v in gen.state_dict().items()}, self.work / f"student_{name}.safetensors")
         return {"iterations": trainer.iteration, "generator_steps": trainer.generator_steps,
                 "last_critic_loss": last.get("critic_loss")}
 
@@ -401,11 +410,19 @@ class Recipe:
     def stage_dmd_diffusion(self):
         return self._dmd("diffusion")
 
+    def stage_dmd_switch(self):
+        """The Self Forcing student tuned further on rollouts whose prompt switches (re-cache) at a random chunk to
+        another training prompt; the frames after the switch are judged as a clip of their own under the new prompt
+        (the teacher never sees the old scene with the new caption): what makes a re-cached switch follow it."""
+        return self._dmd("self", start="student_self", name="switch", switch=self.cfg.switch_share, seed=23,
+                         iterations=self.cfg.switch_iterations)
+
     def stage_evaluate(self):
         students = {"ODE init (no DMD)": self.work / "student_ode.safetensors",
                     "Teacher Forcing + DMD": self.work / "student_teacher.safetensors",
                     "Diffusion Forcing + DMD": self.work / "student_diffusion.safetensors",
-                    "Self Forcing + DMD": self.work / "student_self.safetensors"}
+                    "Self Forcing + DMD": self.work / "student_self.safetensors",
+                    "Self Forcing + DMD + switch tuning (shipped)": self.work / "student_switch.safetensors"}
         table = evaluate_students(students, self.out, prompts=self.cfg.eval_prompts, log=lambda m: print(m, file=sys.stderr),
                                   teacher=self.work / "teacher.safetensors")
         with atomic_path(self.work / "table.json") as tmp:
@@ -413,8 +430,8 @@ class Recipe:
         return {"table": str(self.work / "table.json")}
 
     def stage_ship(self):
-        sd = load_file(str(self.work / "student_self.safetensors"))
-        _save_st(sd, self.out / FILES["dit"], metadata={"recipe": "sf_core.toy.recipe", "stage": "dmd_self"})
+        sd = load_file(str(self.work / "student_switch.safetensors"))
+        _save_st(sd, self.out / FILES["dit"], metadata={"recipe": "sf_core.toy.recipe", "stage": "dmd_switch"})
 
         table = json.loads((self.work / "table.json").read_text())
         detector = accuracy([sample_scene(100_000 + i, train=False) for i in range(64)], 33)

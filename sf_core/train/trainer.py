@@ -30,7 +30,7 @@ from ..errors import SelfForcingError
 from ..io import atomic_path, check_writable
 from ..lora import LoRA
 from ..schedule import SELF_FORCING_STEPS, FlowSchedule, frame_sigma
-from ..stream import Stream, StreamSettings
+from ..stream import PromptSegment, PromptTimeline, Stream, StreamSettings
 from ..wan.forward import WanBackbone, infer_config
 from .distributed import World
 from .context import CONTEXTS, context_source
@@ -64,10 +64,18 @@ class TrainSettings:
     seed: int = 0
     save_every: int = 50
     context: str = "self"  # what the rollout's cache holds: "self" | "teacher" | "diffusion" (sf_core.train.context)
+    switch: float = 0.0  # share of rollouts whose prompt switches (re-cache) at a random chunk boundary to another
+    # prompt: the frames after the switch are judged as a clip of their own under it (tuning for live prompt switches)
 
     def __post_init__(self):
         if self.rank < 1:
             raise SelfForcingError(f"LoRA rank must be at least 1, got {self.rank}")
+        if not 0.0 <= self.switch <= 1.0:
+            raise SelfForcingError(f"switch is a share of rollouts in [0, 1], got {self.switch}")
+        if self.switch and self.context != "self":
+            raise SelfForcingError("prompt-switch rollouts need the self context (the model's own frames in the cache)")
+        if self.switch and self.latent_frames < 2 * self.frames_per_chunk:
+            raise SelfForcingError("prompt-switch rollouts need at least two chunks per video")
         if self.iterations < 1:
             raise SelfForcingError(f"iterations must be at least 1, got {self.iterations}")
         for name in ("critic_ratio", "grad_accum", "batch", "latent_frames", "frames_per_chunk"):
@@ -165,12 +173,37 @@ class Trainer:
         self._last_idx = idx
         return self.prompts[idx.to(self.device)]
 
+    def switch_chunk(self, kind: str, micro: int = 0) -> int | None:
+        """The chunk at which this rollout's prompt switches (shared by its samples and all ranks), or None."""
+        s = self.settings
+        if not s.switch:
+            return None
+        g = noise.keyed_generator(s.seed, self.iteration, kind, "switch", micro)
+        chunks = -(-s.latent_frames // s.frames_per_chunk)
+        happens, at = torch.rand((), generator=g) < s.switch, int(torch.randint(1, chunks, (1,), generator=g))
+        return at if happens else None
+
+    def _prompts_for(self, kind: str, micro: int, gens) -> tuple[torch.Tensor, torch.Tensor | None, int | None]:
+        """(first prompts, the prompts switched to or None, the switch chunk or None)."""
+        text = self._sample_prompts(gens)
+        at = self.switch_chunk(kind, micro)
+        if at is None:
+            return text, None, None
+        idx = self._last_idx
+        after = self._sample_prompts([noise.keyed_generator(self.settings.seed, self.iteration, kind, "switched", j)
+                                      for j in range(len(gens))])
+        self._last_idx = idx
+        return text, after, at
+
     def rollout(self, text: torch.Tensor, exit_step: int | None, generators: noise.Generators,
-                grad: bool = True) -> torch.Tensor:
+                grad: bool = True, switch: tuple[torch.Tensor, int] | None = None) -> torch.Tensor:
         """The inference chunk loop on the generator; returns the video [B, C, F, H, W]. With a Teacher /
-        Diffusion Forcing context, the cache holds the ground truth of the prompts last sampled."""
+        Diffusion Forcing context, the cache holds the ground truth of the prompts last sampled. `switch`:
+        (the prompts switched to, the chunk) — the cached frames are re-encoded under them there, as at inference."""
         s = self.settings
         video = None if self.videos is None else self.videos[self._last_idx]
+        if switch is not None:
+            text = PromptTimeline([PromptSegment(0, text), PromptSegment(switch[1], switch[0])])
         stream = Stream(self.student, text, latent_height=s.latent_height, latent_width=s.latent_width,
                         num_frames=s.latent_frames, batch=s.batch, settings=self.stream_settings,
                         generator=generators,
@@ -187,11 +220,14 @@ class Trainer:
             return self._x0(self.teacher, prompt, x_t, t)
 
     def generator_loss(self, micro: int = 0) -> torch.Tensor:
-        """Self rollout with one exit step shared by all chunks, then DMD on the whole video."""
+        """Self rollout with one exit step shared by all chunks, then DMD on the whole video (after a prompt switch:
+        on the frames after it, under the new prompt)."""
         gens = self.sample_generators("generator", micro)
-        text = self._sample_prompts(gens)
+        text, after, at = self._prompts_for("generator", micro, gens)
         self.last_exit_step = self.exit_step("generator", micro)
-        video = self.rollout(text, self.last_exit_step, gens)
+        video = self.rollout(text, self.last_exit_step, gens, switch=None if at is None else (after, at))
+        if at is not None:  # the frames made after the switch, judged as a clip of their own under the new prompt
+            text, video = after, video[:, :, at * self.settings.frames_per_chunk:]
         with torch.no_grad():
             with self.critic_lora.disabled():
                 cond = self.teacher.encode_text(text)
@@ -212,9 +248,12 @@ class Trainer:
         """Flow matching of the critic (teacher base + critic LoRA) on a no-grad generator rollout that exits
         at a random step too: the critic models the very samples DMD corrects."""
         gens = self.sample_generators("critic", micro)
-        text = self._sample_prompts(gens)
+        text, after, at = self._prompts_for("critic", micro, gens)
         with torch.no_grad():
-            video = self.rollout(text, self.exit_step("critic", micro), gens, grad=False)
+            video = self.rollout(text, self.exit_step("critic", micro), gens, grad=False,
+                                 switch=None if at is None else (after, at))
+        if at is not None:
+            text, video = after, video[:, :, at * self.settings.frames_per_chunk:]
         prompt = self.teacher.encode_text(text)
         return critic_loss(video, lambda x_t, t: self.teacher(x_t, t, prompt), gens, self.schedule)
 
