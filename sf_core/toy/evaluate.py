@@ -3,6 +3,7 @@ on a 4x longer rolling-window stream (window = the trained length, sink = the fi
 
     python -m sf_core.toy.evaluate --student toy_recipe_state/student_self.safetensors --prompts 32
     python -m sf_core.toy.evaluate --steer toy_recipe_state/teacher.safetensors   # where the teacher decides motion
+    python -m sf_core.toy.evaluate --sink sf_core/toy/models/toy_self_forcing_dit.safetensors   # the sink's effect
 """
 
 from __future__ import annotations
@@ -112,6 +113,22 @@ def evaluate_teacher(toy: Toy, teacher: Path, prompts: list[str], uncond: torch.
     return {"trained": mean_scores(scores), "long": None, "drift": None}
 
 
+@torch.no_grad()
+def sink_effect(toy: Toy, prompts: list[str], length: int = 8, seeds: int = 3) -> dict:
+    """The attention sink's effect on a long rolling-window stream (`length` x the trained length, window = the
+    trained length): {sink: share of the last 33 frames with the subject on screen}, for a sink of one chunk and for
+    none, over prompts x seeds (the same seeds for both)."""
+    out = {}
+    for sink in (FRAMES_PER_CHUNK, 0):
+        seen = []
+        for r in range(seeds):
+            for i, p in enumerate(prompts):
+                video = toy.generate(p, length * LATENT_FRAMES, seed=i + 100 * r, window=LATENT_FRAMES, sink=sink)
+                seen.append(detect(video[:, -TRAINED_FRAMES:]).present[:, subject(p)[0]].float().mean())
+        out[sink] = float(torch.stack(seen).mean())
+    return out
+
+
 STEER_PAIRS = (("right", "left"), ("left", "right"), ("still", "up"), ("up", "down"), ("grow", "shrink"), ("orbit", "still"))
 
 
@@ -193,6 +210,8 @@ def markdown_table(table: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m sf_core.toy.evaluate", description=__doc__.split("\n\n")[0])
     p.add_argument("--student", action="append", default=[], help="DiT file (repeat); name=path also works")
+    p.add_argument("--sink", metavar="DIT", help="instead: on-screen share in the last 33 frames of an 8x stream with "
+                   "and without the attention sink, for this DiT (held-out prompts x 3 seeds)")
     p.add_argument("--steer", metavar="TEACHER", help="instead: where this bidirectional teacher decides motion "
                    "(a clip re-noised to each sigma, sampled under another motion's caption)")
     p.add_argument("--prompts", type=int, default=32)
@@ -206,6 +225,11 @@ def main(argv: list[str] | None = None) -> int:
         print("| sigma | follows the caption's motion | keeps the clip's motion |\n|---|---|---|")
         for sigma, r in steer.items():
             print(f"| {sigma:g} | {r['target']:.2f} | {r['source']:.2f} |")
+        return 0
+    if args.sink:
+        effect = sink_effect(Toy.load(args.sink, Path(args.models)), held_out_prompts()[: args.prompts])
+        print(f"on screen in the last 33 frames at 8x: sink {FRAMES_PER_CHUNK}: {effect[FRAMES_PER_CHUNK]:.3f}, "
+              f"no sink: {effect[0]:.3f}")
         return 0
     if not args.student:
         p.error("give --student (or --steer)")
