@@ -232,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
               f"no sink: {effect[0]:.3f}")
         return 0
     if not args.student:
-        p.error("give --student (or --steer)")
+        p.error("give --student (or --sink, or --steer)")
     students = dict((s.split("=", 1) if "=" in s else (Path(s).stem, s)) for s in args.student)
     table = evaluate_students({k: Path(v) for k, v in students.items()}, Path(args.models), args.prompts, args.seed,
                               log=lambda m: print(m, file=sys.stderr), seeds=args.seeds)
