@@ -20,7 +20,7 @@ from ..sf_core.train.plot import loss_curve
 from ..sf_core.train.session import run_session
 from ..sf_core.pipeline import to_uint8_frames
 from ..sf_core.train.state import check_state, read_state
-from ..sf_core.train.trainer import Trainer, sample
+from ..sf_core.train.trainer import Trainer, check_prompt_count, sample
 from . import bridge
 from .common import CATEGORY, check_size, size_inputs, train_settings, training_inputs
 
@@ -85,6 +85,7 @@ class TrainLoRA(io.ComfyNode):
         settings = train_settings(
             dmd, latent_frames=latent_frames_for(length), latent_height=h, latent_width=w, frames_per_chunk=frames_per_chunk,
             seed=seed, checkpointing=gradient_checkpointing, save_every=save_every)
+        check_prompt_count(len(lines), settings)
         name = lora_name.strip().removesuffix(".safetensors")
         lora_path = Path(folder_paths.get_folder_paths("loras")[0]) / f"{name}.safetensors"
         ckpt_dir = Path(folder_paths.get_output_directory()) / "self_forcing_training"

@@ -77,8 +77,11 @@ TRAINING: tuple[Option, ...] = (
            min=1e-7, max=1.0, step=1e-6),
     Option("critic_ratio", int, 5, "Critic steps per generator step.", min=1, max=100),
     Option("guidance", float, 3.0, "Teacher CFG: real = cond + g (cond - uncond); 3 is CFG 4.", min=0.0, max=20.0),
+    Option("switch_share", float, 0.0, "Tuning for live prompt switches: the share of rollouts whose prompt switches "
+           "(re-cache) to another of the prompts at a random chunk; the frames after it are judged under the new "
+           "prompt. 0 = off; needs two prompts or more.", min=0.0, max=1.0, step=0.05),
 )
-_TRAIN_FIELDS = {"learning_rate": "lr", "critic_learning_rate": "critic_lr"}
+_TRAIN_FIELDS = {"learning_rate": "lr", "critic_learning_rate": "critic_lr", "switch_share": "switch"}
 
 
 def add_arguments(parser: argparse.ArgumentParser, group: tuple[Option, ...] = SAMPLING) -> None:

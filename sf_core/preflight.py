@@ -34,6 +34,13 @@ def finite(name: str, value: float) -> float:
     return value
 
 
+def share(name: str, value: float) -> float:
+    """A finite number in [0, 1] (a share of something)."""
+    if value is None or not math.isfinite(value) or not 0.0 <= value <= 1.0:
+        raise SelfForcingError(f"{name} must be a share between 0 and 1, got {value}")
+    return value
+
+
 def at_least(name: str, value: int, low: int) -> int:
     if value < low:
         raise SelfForcingError(f"{name} must be at least {low}, got {value}")

@@ -35,6 +35,7 @@ def d(tmp_path_factory):
     write_tiny_wan_vae(d / "vae.safetensors")
     write_tiny_taehv(d / "taew2_1.pth")
     (d / "prompts.txt").write_text("a red fox in the snow\na cat on a roof\n")
+    (d / "one_prompt.txt").write_text("a red fox in the snow\n")
     (d / "binary.txt").write_bytes(bytes(range(256)) * 4)
     (d / "a_folder").mkdir()
     (d / "two_models").mkdir()
@@ -139,6 +140,10 @@ CASES = [
     ("train-save-every-0", lambda d, o: T(d, o / "l.safetensors") + ["--save-every", "0"], "--save-every must be at least 1"),
     ("train-device-foo", lambda d, o: T(d, o / "l.safetensors") + ["--device", "foo"], "not a device"),
     ("train-lr-nan", lambda d, o: T(d, o / "l.safetensors") + ["--lr", "nan"], "--lr must be"),
+    ("train-switch-share-2", lambda d, o: T(d, o / "l.safetensors") + ["--switch-share", "2"], "--switch-share must be"),
+    ("train-switch-one-prompt", lambda d, o: _set(T(d, o / "l.safetensors"), "--prompts", str(d / "one_prompt.txt"))
+     + ["--switch-share", "0.5", "--frames", "25"], "two prompts or more"),
+    ("train-switch-one-chunk", lambda d, o: T(d, o / "l.safetensors") + ["--switch-share", "0.5"], "two chunks per video"),
     ("train-prompts-binary", lambda d, o: _set(T(d, o / "l.safetensors"), "--prompts", str(d / "binary.txt")),
      "not a UTF-8 text file"),
     ("train-prompts-folder", lambda d, o: _set(T(d, o / "l.safetensors"), "--prompts", str(d / "a_folder")),

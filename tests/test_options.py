@@ -62,13 +62,15 @@ def test_train_flags_and_node_values_give_the_same_training_settings():
     parser = build_parser()
     args = parser.parse_args(["train", "--model", "m", "--teacher", "t", "--text-encoder", "e", "--prompts", "p",
                               "-o", "o.safetensors", "--iterations", "7", "--rank", "4", "--lr", "3e-4",
-                              "--critic-lr", "5e-5", "--critic-ratio", "2", "--guidance", "1.5"])
+                              "--critic-lr", "5e-5", "--critic-ratio", "2", "--guidance", "1.5", "--switch-share", "0.25"])
     node = {"iterations": 7, "rank": 4, "learning_rate": 3e-4, "critic_learning_rate": 5e-5, "critic_ratio": 2,
-            "guidance": 1.5}  # the Train LoRA node's inputs of the same names
+            "guidance": 1.5, "switch_share": 0.25}  # the Train LoRA node's inputs of the same names
     a, b = train_settings(args), train_settings(node)
-    assert a == b and (a.iterations, a.rank, a.lr, a.critic_lr, a.critic_ratio, a.guidance) == (7, 4, 3e-4, 5e-5, 2, 1.5)
+    assert a == b and (a.iterations, a.rank, a.lr, a.critic_lr, a.critic_ratio, a.guidance, a.switch) == (
+        7, 4, 3e-4, 5e-5, 2, 1.5, 0.25)
     defaults = train_settings(parser.parse_args(["train", "--model", "m", "--teacher", "t", "--text-encoder", "e",
                                                  "--prompts", "p", "-o", "o.safetensors"]))
     assert defaults == train_settings({}) and defaults.iterations == 600
     assert [o.cli_flag for o in TRAINING] == ["--iterations", "--rank", "--lr", "--critic-lr", "--critic-ratio",
-                                              "--guidance"]  # the spellings users already type
+                                              "--guidance", "--switch-share"]  # the spellings users already type
+    assert defaults.switch == 0.0  # no prompt-switch tuning unless asked

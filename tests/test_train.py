@@ -278,6 +278,10 @@ def test_resume_refuses_another_rollout_context():
 def test_switch_rollouts_change_prompt_at_the_drawn_chunk(monkeypatch):
     with pytest.raises(SelfForcingError, match="self context"):
         TrainSettings(**SMALL, switch=0.5, context="teacher")
+    g, t = _models()
+    p, n = _prompts()
+    with pytest.raises(SelfForcingError, match="two prompts or more"):
+        Trainer(g, t, p[:1], n, TrainSettings(**SMALL, switch=0.5))
     tr, _, _ = _trainer(frames_per_chunk=2, switch=1.0)
     at = tr.switch_chunk("generator")
     assert at in (1, 2)  # 6 latent frames in chunks of 2: a switch at the second or third chunk

@@ -88,7 +88,7 @@ WORKFLOWS = {
             "model": ["1", 0], "teacher": ["2", 0], "clip": ["3", 0],
             "prompts": PROMPT + "\nA watercolor painting of a lighthouse on a cliff, waves crashing, soft pastel sky.",
             "negative_prompt": WAN_NEGATIVE_PROMPT, "lora_name": "self_forcing_style", "iterations": 200, "rank": 32,
-            "learning_rate": 1e-4, "critic_learning_rate": 2e-5, "critic_ratio": 5, "guidance": 3.0,
+            "learning_rate": 1e-4, "critic_learning_rate": 2e-5, "critic_ratio": 5, "guidance": 3.0, "switch_share": 0.0,
             "width": 832, "height": 480, "length": 81, "frames_per_chunk": 3, "seed": 0,
             "gradient_checkpointing": True, "resume": True, "save_every": 50, "vae": ["7", 0], "preview_every": 25}},
         "5": {"class_type": "PreviewImage", "inputs": {"images": ["4", 1]}},

@@ -33,7 +33,7 @@ from ..text import inspect_text_encoder, load_text_encoder
 from .distributed import World, init_world, launched_by_torchrun, shard_frozen_base
 from .session import run_session
 from .state import check_state, read_state
-from .trainer import TrainSettings, Trainer
+from .trainer import TrainSettings, Trainer, check_prompt_count
 
 # The negative prompt Wan2.1 and the Self Forcing recipe use for the teacher's unconditional branch.
 WAN_NEGATIVE_PROMPT = (
@@ -101,6 +101,7 @@ def preflight(args, world_size: int = 1) -> tuple[TrainSettings, list[str], Path
     pf.positive("--lr", args.learning_rate)
     pf.positive("--critic-lr", args.critic_learning_rate)
     pf.finite("--guidance", args.guidance)
+    pf.share("--switch-share", args.switch_share)
     if args.alpha is not None:
         pf.positive("--alpha", args.alpha)
     pf.at_least("--save-every", args.save_every, 1)
@@ -121,6 +122,7 @@ def preflight(args, world_size: int = 1) -> tuple[TrainSettings, list[str], Path
         raise SelfForcingError(f"a training checkpoint already exists at {checkpoint}; pass --resume to continue "
                                "it, or --overwrite to start afresh and replace it")
     prompts = read_prompts(args.prompts)
+    check_prompt_count(len(prompts), settings)
     gcfg, tcfg = pf.dit_config(args.model), pf.dit_config(args.teacher)
     if (gcfg.in_dim, gcfg.out_dim, gcfg.text_dim) != (tcfg.in_dim, tcfg.out_dim, tcfg.text_dim):
         raise SelfForcingError(

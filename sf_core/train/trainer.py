@@ -75,7 +75,9 @@ class TrainSettings:
         if self.switch and self.context != "self":
             raise SelfForcingError("prompt-switch rollouts need the self context (the model's own frames in the cache)")
         if self.switch and self.latent_frames < 2 * self.frames_per_chunk:
-            raise SelfForcingError("prompt-switch rollouts need at least two chunks per video")
+            raise SelfForcingError(f"prompt-switch tuning needs two chunks per video or more, got {self.latent_frames} "
+                                   f"latent frames in chunks of {self.frames_per_chunk}: train on longer videos or "
+                                   "smaller chunks")
         if self.iterations < 1:
             raise SelfForcingError(f"iterations must be at least 1, got {self.iterations}")
         for name in ("critic_ratio", "grad_accum", "batch", "latent_frames", "frames_per_chunk"):
@@ -87,6 +89,13 @@ class TrainSettings:
             raise SelfForcingError(f"EMA decay must be in (0, 1), got {self.ema}")
         if self.context not in CONTEXTS:
             raise SelfForcingError(f"unknown rollout context {self.context!r}; choose one of {', '.join(CONTEXTS)}")
+
+
+def check_prompt_count(count: int, settings: TrainSettings) -> None:
+    """Prompt-switch tuning switches between prompts, so it needs two or more (checked before any heavy work)."""
+    if settings.switch and count < 2:
+        raise SelfForcingError("prompt-switch tuning switches between prompts: give two prompts or more "
+                               "(one per line), or a switch share of 0")
 
 
 class Trainer:
@@ -125,6 +134,7 @@ class Trainer:
             raise SelfForcingError(f"teacher text width {tcfg.text_dim} != generator text width {gcfg.text_dim}")
         if prompts.ndim != 3 or prompts.shape[0] == 0:
             raise SelfForcingError("no prompts to train on: give at least one prompt (one per line)")
+        check_prompt_count(prompts.shape[0], s)
         if prompts.shape[-1] != gcfg.text_dim or negative.shape[-1] != gcfg.text_dim:
             raise SelfForcingError(f"prompt embeddings must be {gcfg.text_dim} wide for this model")
         gcfg.tokens_per_frame(s.latent_height, s.latent_width)  # size check before any work
