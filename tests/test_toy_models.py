@@ -14,7 +14,7 @@ import pytest
 from sf_core.toy import world
 from sf_core.toy.detect import detect
 from sf_core.toy.diffusion import FRAMES_PER_CHUNK, LATENT_FRAMES
-from sf_core.toy.evaluate import evaluate_switch
+from sf_core.toy.evaluate import STILL_RADIUS, evaluate_switch, start_image_kept
 from sf_core.toy.metrics import mean_scores, score, subject
 from sf_core.toy.models import Toy, check_shipped
 
@@ -29,7 +29,6 @@ MIN_SHAPE, MIN_MOTION, MIN_IN_PLACE = 0.5, 0.4, 0.5  # what a model that does th
 HELD_OUT = world.held_out_prompts()  # the 18 evaluation prompts, one seed each
 CHUNK_FRAMES = 4 * FRAMES_PER_CHUNK  # video frames per chunk after the first (the first chunk has 9)
 RESTYLE_STRENGTH = 0.7
-RADIUS = 9.0  # the smallest half extent of a still object in the world
 
 
 def _not_learned(why: str):
@@ -95,20 +94,10 @@ def test_prompt_switch_recache_keeps_the_subject_in_place(switch_scores):
 
 def test_image_to_video_keeps_the_start_frame_object(toy):
     """Over three start images, the yellow square is on screen and its centre stays within the smallest object
-    radius of where the image had it (median over all frames)."""
-    c = world.COLOUR_NAMES.index("yellow")
-    errors = []
-    for seed in range(3):
-        scene = world.scene_from_caption("a yellow square stays still on a grey background", seed=4 + seed)
-        image, truth = world.render([scene], 1)
-        prefix = toy.autoencoder.encode_normalized(image)  # [1, 16, 1, 8, 8]
-        video = toy.generate("a yellow square stays still on a grey background", LATENT_FRAMES - 1, seed=seed,
-                             prefix=prefix)
-        det = detect(video)
-        assert det.present[:, c].float().mean() > 0.9
-        err = (det.centre[:, c] - truth.centre[0, 0, 0]).abs()
-        errors.append(torch.minimum(err, world.SIZE - err).amax(-1))
-    assert torch.cat(errors).median() < RADIUS, errors
+    radius of where the image had it (median over all frames; over 8 images the shipped student measures 8.2 px,
+    the Self Forcing student before switch tuning 4.5)."""
+    kept = start_image_kept(toy, images=3)
+    assert kept["on_screen"] > 0.9 and kept["median_px"] < STILL_RADIUS, kept
 
 
 def test_rolling_window_with_sink_keeps_the_object_on_screen_at_4x_length(toy):

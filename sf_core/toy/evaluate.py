@@ -4,6 +4,7 @@ on a 4x longer rolling-window stream (window = the trained length, sink = the fi
     python -m sf_core.toy.evaluate --student toy_recipe_state/student_self.safetensors --prompts 32
     python -m sf_core.toy.evaluate --steer toy_recipe_state/teacher.safetensors   # where the teacher decides motion
     python -m sf_core.toy.evaluate --sink sf_core/toy/models/toy_self_forcing_dit.safetensors   # the sink's effect
+    python -m sf_core.toy.evaluate --i2v sf_core/toy/models/toy_self_forcing_dit.safetensors    # start image kept
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from .world import (COLOUR_NAMES, MOTION_PHRASES, ObjectSpec, Scene, caption, he
                     scene_from_caption)
 
 LONG = 4  # the long stream is this many times the trained length
+STILL_RADIUS = 9.0  # the smallest half extent of a still object in the world (pixels)
 TRAINED_FRAMES = 1 + 4 * (LATENT_FRAMES - 1)  # 33 video frames
 
 
@@ -129,6 +131,27 @@ def sink_effect(toy: Toy, prompts: list[str], length: int = 8, seeds: int = 3) -
     return out
 
 
+@torch.no_grad()
+def start_image_kept(toy: Toy, images: int = 8,
+                     prompt: str = "a yellow square stays still on a grey background") -> dict:
+    """Image-to-video: a rendered start image of a still object, then `LATENT_FRAMES - 1` generated latent frames.
+    -> {"median_px": median over all frames of all videos of the subject's distance (on the torus, the larger axis)
+    from where the image had it, "drifted": share of videos whose own median exceeds the smallest object radius,
+    "on_screen": the lowest share of frames with the subject on screen in any video}."""
+    colour = subject(prompt)[0]
+    errors, drifted, on_screen = [], 0, 1.0
+    for seed in range(images):
+        scene = scene_from_caption(prompt, seed=4 + seed)
+        image, truth = render([scene], 1)
+        video = toy.generate(prompt, LATENT_FRAMES - 1, seed=seed, prefix=toy.autoencoder.encode_normalized(image))
+        det = detect(video)
+        err = wrap(det.centre[:, colour] - truth.centre[0, 0, 0]).abs().amax(-1)
+        errors.append(err)
+        drifted += float(err.median()) > STILL_RADIUS
+        on_screen = min(on_screen, float(det.present[:, colour].float().mean()))
+    return {"median_px": float(torch.cat(errors).median()), "drifted": drifted / images, "on_screen": on_screen}
+
+
 STEER_PAIRS = (("right", "left"), ("left", "right"), ("still", "up"), ("up", "down"), ("grow", "shrink"), ("orbit", "still"))
 
 
@@ -212,6 +235,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--student", action="append", default=[], help="DiT file (repeat); name=path also works")
     p.add_argument("--sink", metavar="DIT", help="instead: on-screen share in the last 33 frames of an 8x stream with "
                    "and without the attention sink, for this DiT (held-out prompts x 3 seeds)")
+    p.add_argument("--i2v", metavar="DIT", help="instead: how well this DiT keeps a start image's object in place "
+                   "(8 start images)")
     p.add_argument("--steer", metavar="TEACHER", help="instead: where this bidirectional teacher decides motion "
                    "(a clip re-noised to each sigma, sampled under another motion's caption)")
     p.add_argument("--prompts", type=int, default=32)
@@ -231,8 +256,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"on screen in the last 33 frames at 8x: sink {FRAMES_PER_CHUNK}: {effect[FRAMES_PER_CHUNK]:.3f}, "
               f"no sink: {effect[0]:.3f}")
         return 0
+    if args.i2v:
+        kept = start_image_kept(Toy.load(args.i2v, Path(args.models)))
+        print(f"image-to-video, 8 start images: the subject {kept['median_px']:.1f} px from where the image had it "
+              f"(median over all frames), {kept['drifted']:.2f} of the videos drifted beyond {STILL_RADIUS:g} px")
+        return 0
     if not args.student:
-        p.error("give --student (or --sink, or --steer)")
+        p.error("give --student (or --sink, --i2v or --steer)")
     students = dict((s.split("=", 1) if "=" in s else (Path(s).stem, s)) for s in args.student)
     table = evaluate_students({k: Path(v) for k, v in students.items()}, Path(args.models), args.prompts, args.seed,
                               log=lambda m: print(m, file=sys.stderr), seeds=args.seeds)
