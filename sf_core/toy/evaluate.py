@@ -50,7 +50,8 @@ def evaluate_student(toy: Toy, prompts: list[str], seed: int = 0) -> dict:
     return out
 
 
-SWITCH_CHUNK = 2  # the re-cached prompt switch of `evaluate_switch` comes at this chunk of a 12-latent-frame stream
+SWITCH_CHUNK = 2  # the re-cached prompt switch of `evaluate_switch` comes at this chunk of a four-chunk stream
+SWITCH_STREAM = 4 * FRAMES_PER_CHUNK  # its latent frames
 
 
 def recoloured(text: str) -> str:
@@ -71,7 +72,7 @@ def evaluate_switch(toy: Toy, prompts: list[str], seed: int = 0) -> dict:
     at = 1 + 4 * (FRAMES_PER_CHUNK - 1) + chunk * (SWITCH_CHUNK - 1)  # first video frame of the switch chunk
     for i, p in enumerate(prompts):
         q = recoloured(p)
-        video = toy.generate([(0, p), (SWITCH_CHUNK, q)], 4 * FRAMES_PER_CHUNK, seed=seed + i, window=LATENT_FRAMES,
+        video = toy.generate([(0, p), (SWITCH_CHUNK, q)], SWITCH_STREAM, seed=seed + i, window=LATENT_FRAMES,
                              sink=FRAMES_PER_CHUNK, switch="recache")
         det = detect(video)
         old, new = subject(p)[0], subject(q)[0]
