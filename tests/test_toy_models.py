@@ -14,7 +14,7 @@ import pytest
 from sf_core.toy import world
 from sf_core.toy.detect import detect
 from sf_core.toy.diffusion import FRAMES_PER_CHUNK, LATENT_FRAMES
-from sf_core.toy.evaluate import STILL_RADIUS, evaluate_switch, start_image_kept
+from sf_core.toy.evaluate import CHUNK_FRAMES, STILL_RADIUS, evaluate_switch, first_frame_of_chunk, start_image_kept
 from sf_core.toy.metrics import mean_scores, score, subject
 from sf_core.toy.models import Toy, check_shipped
 
@@ -27,16 +27,11 @@ MIN_ON_SCREEN_4X, MIN_ON_SCREEN_LAST = 0.73, 0.69  # half-way between the ODE in
 MIN_SWITCH_FOLLOWED = 0.55  # half-way between the student before switch tuning and the shipped one
 MIN_SHAPE, MIN_MOTION, MIN_IN_PLACE = 0.5, 0.4, 0.5  # what a model that does these would clear
 HELD_OUT = world.held_out_prompts()  # the 18 evaluation prompts, one seed each
-CHUNK_FRAMES = 4 * FRAMES_PER_CHUNK  # video frames per chunk after the first (the first chunk has 9)
 RESTYLE_STRENGTH = 0.7
 
 
 def _not_learned(why: str):
     return pytest.mark.xfail(strict=True, reason=f"not learned by the shipped toy models: {why} (MODEL_CARD.md)")
-
-
-def _first_frame_of_chunk(k: int) -> int:
-    return 0 if k == 0 else 1 + 2 * 4 + CHUNK_FRAMES * (k - 1)
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +61,7 @@ def _switch(toy, switch, seed):
     a = "a red circle stays still on a grey background"
     b = "a blue circle stays still on a grey background"
     video = toy.generate([(0, a), (2, b)], 12, seed=seed, window=LATENT_FRAMES, sink=FRAMES_PER_CHUNK, switch=switch)
-    return detect(video), _first_frame_of_chunk(2)
+    return detect(video), first_frame_of_chunk(2)
 
 
 def test_prompt_switch_by_cut_changes_the_colour_at_its_chunk(toy):

@@ -71,6 +71,14 @@ def ode_sigmas(schedule: FlowSchedule, student_steps=STEPS, n: int = 20) -> tupl
     return sig, keep
 
 
+def guided_flow(teacher: WanBackbone, x: torch.Tensor, sigma: float, cond_kv, uncond_kv,
+                guidance: float = GUIDANCE) -> torch.Tensor:
+    """The teacher's flow at noise level sigma with CFG: cond + g (cond - uncond). x [B, 16, F, h, w]."""
+    t = torch.full((x.shape[0], x.shape[2]), sigma * 1000.0)
+    v_c, v_u = teacher(x, t, cond_kv), teacher(x, t, uncond_kv)
+    return v_c + guidance * (v_c - v_u)
+
+
 @torch.no_grad()
 def ode_trajectories(teacher: WanBackbone, text: torch.Tensor, uncond: torch.Tensor, generator: torch.Generator,
                      schedule: FlowSchedule, latent_shape: tuple[int, ...], guidance: float = GUIDANCE,
@@ -86,10 +94,7 @@ def ode_trajectories(teacher: WanBackbone, text: torch.Tensor, uncond: torch.Ten
     for i in range(len(sig) - 1):
         if i in keep:
             states[i] = x.clone()
-        t = torch.full((B, latent_shape[1]), sig[i] * 1000.0)
-        v_c, v_u = teacher(x, t, cond_kv), teacher(x, t, uncond_kv)
-        v = v_c + guidance * (v_c - v_u)
-        x = x + (sig[i + 1] - sig[i]) * v
+        x = x + (sig[i + 1] - sig[i]) * guided_flow(teacher, x, sig[i], cond_kv, uncond_kv, guidance)
     return torch.stack([states[i] for i in keep], 1), x
 
 

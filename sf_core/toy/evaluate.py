@@ -20,7 +20,7 @@ from ..checkpoints import load_dit
 from ..schedule import FlowSchedule
 from ..wan.forward import WanBackbone
 from .detect import detect
-from .diffusion import FRAMES_PER_CHUNK, GUIDANCE, LATENT_FRAMES, SHIFT, ode_trajectories
+from .diffusion import FRAMES_PER_CHUNK, LATENT_FRAMES, SHIFT, guided_flow, ode_trajectories
 from .metrics import JUMP, classify_motion, mean_scores, score, subject, windows, wrap
 from .models import MODELS_DIR, Toy
 from .world import (COLOUR_NAMES, MOTION_PHRASES, ObjectSpec, Scene, caption, held_out_prompts, parse_caption, render,
@@ -62,14 +62,21 @@ def recoloured(text: str) -> str:
     return caption(Scene(tuple(ObjectSpec(*o) for o in [(new, shape, motion), *objects[1:]]), bg, pan))
 
 
+CHUNK_FRAMES = 4 * FRAMES_PER_CHUNK  # video frames per chunk after the first (the first has 1 + 4 (n - 1))
+
+
+def first_frame_of_chunk(k: int) -> int:
+    """The first video frame decoded from latent chunk k."""
+    return 0 if k == 0 else 1 + 4 * (FRAMES_PER_CHUNK - 1) + CHUNK_FRAMES * (k - 1)
+
+
 def evaluate_switch(toy: Toy, prompts: list[str], seed: int = 0) -> dict:
     """Re-cached prompt switches that change the subject's colour, at chunk SWITCH_CHUNK of a rolling stream:
     'followed': share of the last four frames of the second chunk after the switch whose dominant colour is the
     new one; 'in_place': share of switches followed (>= 3 of those 4 frames) with the subject where it was (its
     centre one chunk after the switch within JUMP of its last centre before)."""
     followed, in_place = [], []
-    chunk = 4 * FRAMES_PER_CHUNK  # video frames per chunk after the first
-    at = 1 + 4 * (FRAMES_PER_CHUNK - 1) + chunk * (SWITCH_CHUNK - 1)  # first video frame of the switch chunk
+    chunk, at = CHUNK_FRAMES, first_frame_of_chunk(SWITCH_CHUNK)
     for i, p in enumerate(prompts):
         q = recoloured(p)
         video = toy.generate([(0, p), (SWITCH_CHUNK, q)], SWITCH_STREAM, seed=seed + i, window=LATENT_FRAMES,
@@ -177,9 +184,7 @@ def motion_steering(toy: Toy, teacher: Path, sigmas=(1.0, 0.85, 0.7, 0.5), seeds
                 x = (1 - sigma) * x0 + sigma * torch.randn(x0.shape, generator=g)
                 levels = [sigma * (1 - i / n) for i in range(n + 1)]
                 for a, b in zip(levels[:-1], levels[1:]):
-                    t = torch.full((1, x.shape[2]), a * 1000.0)
-                    v_c, v_u = backbone(x, t, kv), backbone(x, t, uncond)
-                    x = x + (b - a) * (v_c + GUIDANCE * (v_c - v_u))
+                    x = x + (b - a) * guided_flow(backbone, x, a, kv, uncond)
                 det = detect(toy.autoencoder.decode_normalized(x)[0])
                 got = classify_motion(det.centre[:, red], det.size[:, red], det.present[:, red])
                 target, source, total = target + (got == dst), source + (got == src), total + 1

@@ -193,17 +193,25 @@ class Trainer:
         happens, at = torch.rand((), generator=g) < s.switch, int(torch.randint(1, chunks, (1,), generator=g))
         return at if happens else None
 
-    def _prompts_for(self, kind: str, micro: int, gens) -> tuple[torch.Tensor, torch.Tensor | None, int | None]:
-        """(first prompts, the prompts switched to or None, the switch chunk or None)."""
+    def _prompts_for(self, kind: str, micro: int, gens) -> tuple[torch.Tensor, tuple[torch.Tensor, int] | None]:
+        """(first prompts, None or (the prompts switched to, the switch chunk))."""
         text = self._sample_prompts(gens)
         at = self.switch_chunk(kind, micro)
         if at is None:
-            return text, None, None
+            return text, None
         idx = self._last_idx
         after = self._sample_prompts([noise.keyed_generator(self.settings.seed, self.iteration, kind, "switched", j)
                                       for j in range(len(gens))])
         self._last_idx = idx
-        return text, after, at
+        return text, (after, at)
+
+    def _judged(self, text: torch.Tensor, video: torch.Tensor, switch) -> tuple[torch.Tensor, torch.Tensor]:
+        """What DMD and the critic judge: the whole video under its prompts, or after a switch the frames made after
+        it, as a clip of their own under the new prompts."""
+        if switch is None:
+            return text, video
+        after, at = switch
+        return after, video[:, :, at * self.settings.frames_per_chunk:]
 
     def rollout(self, text: torch.Tensor, exit_step: int | None, generators: noise.Generators,
                 grad: bool = True, switch: tuple[torch.Tensor, int] | None = None) -> torch.Tensor:
@@ -233,11 +241,9 @@ class Trainer:
         """Self rollout with one exit step shared by all chunks, then DMD on the whole video (after a prompt switch:
         on the frames after it, under the new prompt)."""
         gens = self.sample_generators("generator", micro)
-        text, after, at = self._prompts_for("generator", micro, gens)
+        text, switch = self._prompts_for("generator", micro, gens)
         self.last_exit_step = self.exit_step("generator", micro)
-        video = self.rollout(text, self.last_exit_step, gens, switch=None if at is None else (after, at))
-        if at is not None:  # the frames made after the switch, judged as a clip of their own under the new prompt
-            text, video = after, video[:, :, at * self.settings.frames_per_chunk:]
+        text, video = self._judged(text, self.rollout(text, self.last_exit_step, gens, switch=switch), switch)
         with torch.no_grad():
             with self.critic_lora.disabled():
                 cond = self.teacher.encode_text(text)
@@ -258,12 +264,10 @@ class Trainer:
         """Flow matching of the critic (teacher base + critic LoRA) on a no-grad generator rollout that exits
         at a random step too: the critic models the very samples DMD corrects."""
         gens = self.sample_generators("critic", micro)
-        text, after, at = self._prompts_for("critic", micro, gens)
+        text, switch = self._prompts_for("critic", micro, gens)
         with torch.no_grad():
-            video = self.rollout(text, self.exit_step("critic", micro), gens, grad=False,
-                                 switch=None if at is None else (after, at))
-        if at is not None:
-            text, video = after, video[:, :, at * self.settings.frames_per_chunk:]
+            video = self.rollout(text, self.exit_step("critic", micro), gens, grad=False, switch=switch)
+        text, video = self._judged(text, video, switch)
         prompt = self.teacher.encode_text(text)
         return critic_loss(video, lambda x_t, t: self.teacher(x_t, t, prompt), gens, self.schedule)
 
